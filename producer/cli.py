@@ -1,0 +1,230 @@
+"""The ``mcpq`` command line.
+
+Exit codes scripts can trust: 0 success, 1 the call failed (the result says
+why), 2 bad usage or config, 3 the broker, Redis or a worker could not be
+reached.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import sys
+from collections.abc import Sequence
+from typing import Any, NoReturn
+
+import click
+
+from worker.errors import ConfigError, MCPConnectionError, MCPError, MCPTimeoutError
+from worker.settings import Settings
+
+EXIT_OK, EXIT_FAILED, EXIT_USAGE, EXIT_UNREACHABLE = 0, 1, 2, 3
+
+
+def parse_arguments(values: Sequence[str]) -> dict[str, Any]:
+    """``'{"a": 1}'`` or ``a=1 b=text`` -> a dict. Values that parse as JSON
+    are taken as JSON (numbers, booleans, lists); anything else is a string."""
+    if not values:
+        return {}
+    if len(values) == 1 and values[0].lstrip().startswith("{"):
+        try:
+            parsed = json.loads(values[0])
+        except json.JSONDecodeError as exc:
+            raise click.UsageError(f"arguments are not valid JSON: {exc.msg} at column {exc.colno}") from None
+        if not isinstance(parsed, dict):
+            raise click.UsageError("arguments must be a JSON object")
+        return parsed
+    out: dict[str, Any] = {}
+    for item in values:
+        key, sep, raw = item.partition("=")
+        if not sep or not key:
+            raise click.UsageError(f"argument {item!r} is neither a JSON object nor key=value")
+        try:
+            out[key] = json.loads(raw)
+        except json.JSONDecodeError:
+            out[key] = raw
+    return out
+
+
+def _queue() -> Any:
+    from producer.queue import ToolQueue
+
+    return ToolQueue.from_env()
+
+
+def _fail(message: str, code: int) -> NoReturn:
+    click.echo(f"mcpq: {message}", err=True)
+    sys.exit(code)
+
+
+def _unreachable(exc: Exception) -> NoReturn:
+    _fail(f"{exc}", EXIT_UNREACHABLE)
+
+
+def _print_json(data: Any) -> None:
+    click.echo(json.dumps(data, indent=2, default=str))
+
+
+def _table(rows: list[dict[str, Any]], columns: list[str]) -> None:
+    if not rows:
+        return
+    cells = [[("" if r.get(c) is None else str(r.get(c))) for c in columns] for r in rows]
+    widths = [max(len(c), *(len(row[i]) for row in cells)) for i, c in enumerate(columns)]
+    click.echo("  ".join(c.upper().ljust(w) for c, w in zip(columns, widths, strict=True)).rstrip())
+    for row in cells:
+        click.echo("  ".join(v.ljust(w) for v, w in zip(row, widths, strict=True)).rstrip())
+
+
+def _redis_errors() -> tuple[type[BaseException], ...]:
+    import redis
+
+    return (redis.RedisError, MCPConnectionError, MCPTimeoutError)
+
+
+@click.group(context_settings={"help_option_names": ["-h", "--help"]})
+@click.version_option("0.1.0", prog_name="mcpq")
+def cli() -> None:
+    """mcpq: run MCP tool calls as Celery tasks.
+
+    Settings come from MCPQ_* environment variables (MCPQ_BROKER_URL,
+    MCPQ_RESULT_BACKEND, MCPQ_REDIS_URL, MCPQ_CONFIG ...).
+    """
+
+
+@cli.command()
+@click.option("--json", "as_json", is_flag=True, help="Print JSON for scripts.")
+def servers(as_json: bool) -> None:
+    """List the servers the fleet knows (published by workers)."""
+    try:
+        rows = _queue().servers()
+    except _redis_errors() as exc:
+        _unreachable(exc)
+    if as_json:
+        _print_json(rows)
+        return
+    if not rows:
+        _fail("no servers published yet: start a worker with `mcpq worker`", EXIT_FAILED)
+    _table(rows, ["name", "transport", "enabled", "tools", "protocol_version", "description"])
+
+
+@cli.command()
+@click.argument("server", required=False)
+@click.option("--json", "as_json", is_flag=True, help="Print JSON for scripts.")
+@click.option("--refresh", is_flag=True, help="Ask a worker to re-discover tools first.")
+def tools(server: str | None, as_json: bool, refresh: bool) -> None:
+    """List tools (of every server, or of SERVER)."""
+    try:
+        queue = _queue()
+        if refresh:
+            queue.discover(server)
+        rows = queue.tools(server)
+    except _redis_errors() as exc:
+        _unreachable(exc)
+    if as_json:
+        _print_json(rows)
+        return
+    if not rows:
+        _fail("no tools known yet: start a worker (`mcpq worker`) or run `mcpq tools --refresh`", EXIT_FAILED)
+    for row in rows:
+        row["call as"] = f"{row['server']}/{row['name']}" if row["ambiguous"] else row["name"]
+        row["description"] = (row.get("description") or "").splitlines()[0][:60] if row.get("description") else ""
+    _table(rows, ["server", "name", "call as", "description"])
+
+
+@cli.command()
+@click.argument("tool")
+@click.argument("arguments", nargs=-1)
+@click.option("--server", "-s", help="Server to call (needed when several offer the tool).")
+@click.option("--timeout", "-t", type=float, help="Call deadline in seconds (default: the server's timeout).")
+@click.option("--wait", type=float, help="How long to wait for the result (default: deadline + 10 s).")
+@click.option("--no-wait", is_flag=True, help="Enqueue and print the task id only.")
+def call(
+    tool: str, arguments: tuple[str, ...], server: str | None, timeout: float | None, wait: float | None, no_wait: bool
+) -> None:
+    """Call TOOL with ARGUMENTS ('{"a": 1}' or a=1 b=2); print the result as JSON.
+
+    Exits 0 on success, 1 when the call failed (see error_code), 3 when no
+    broker or worker could be reached.
+    """
+    args = parse_arguments(arguments)
+    queue = _queue()
+    try:
+        if no_wait:
+            handle = queue.submit(tool, args, server=server, timeout=timeout)
+            _print_json({"task_id": handle.id, "tool": handle.tool})
+            return
+        result = queue.call(tool, args, server=server, timeout=timeout, wait=wait)
+    except MCPConnectionError as exc:
+        _unreachable(exc)
+    _print_json(result.to_dict())
+    if not result.success:
+        unreachable = result.error_code in ("connection_error", "timeout") and not result.server_name
+        sys.exit(EXIT_UNREACHABLE if unreachable else EXIT_FAILED)
+
+
+@cli.command()
+@click.argument("server", required=False)
+@click.option("--json", "as_json", is_flag=True, help="Print JSON for scripts.")
+def discover(server: str | None, as_json: bool) -> None:
+    """Ask a worker to (re)discover tools now."""
+    try:
+        answer = _queue().discover(server)
+    except _redis_errors() as exc:
+        _unreachable(exc)
+    if as_json:
+        _print_json(answer)
+    elif not answer.get("ok"):
+        _fail(str(answer.get("error")), EXIT_FAILED)
+    else:
+        for name, outcome in answer["result"].items():
+            status = f"{len(outcome['tools'])} tools" if outcome["ok"] else f"FAILED: {outcome['error']}"
+            click.echo(f"{name}: {status}")
+    if not answer.get("ok") or not all(o["ok"] for o in answer.get("result", {}).values()):
+        sys.exit(EXIT_FAILED)
+
+
+@cli.command()
+@click.option("--concurrency", "-c", type=int, help="Threads per worker process (default MCPQ_WORKER_CONCURRENCY).")
+@click.option("--pool", "-P", default="threads", show_default=True, help="Celery pool: threads, prefork, solo.")
+@click.option("--loglevel", "-l", default="info", show_default=True)
+@click.argument("celery_args", nargs=-1, type=click.UNPROCESSED)
+def worker(concurrency: int | None, pool: str, loglevel: str, celery_args: tuple[str, ...]) -> None:
+    """Start a worker (celery -A worker worker) after checking the config."""
+    from worker.config import load_config
+
+    settings = Settings.from_env()
+    try:
+        config = load_config(settings.config_path)
+    except ConfigError as exc:
+        _fail(exc.message, EXIT_USAGE)
+    click.echo(
+        f"mcpq worker: {len(config.mcp_servers)} servers from {settings.config_path}; "
+        f"broker {settings.redacted()['broker_url']}",
+        err=True,
+    )
+    argv = [
+        sys.executable, "-m", "celery", "-A", "worker", "worker",
+        "-P", pool, "-c", str(concurrency or settings.worker_concurrency),
+        "-Q", settings.queue, "--loglevel", loglevel, *celery_args,
+    ]  # fmt: skip
+    os.execvp(argv[0], argv)
+
+
+@cli.command()
+@click.option("--keep", is_flag=True, help="Leave the demo running until Ctrl-C.")
+def demo(keep: bool) -> None:
+    """Run the end-to-end demo: embedded Redis, a worker, demo servers over stdio, HTTP and SSE."""
+    from producer.demo import run_demo
+
+    sys.exit(run_demo(keep=keep))
+
+
+def main(argv: Sequence[str] | None = None) -> None:
+    try:
+        cli.main(args=list(argv) if argv is not None else None, prog_name="mcpq", standalone_mode=True)
+    except MCPError as exc:  # anything not handled above still gets a one-line message
+        _fail(exc.message, EXIT_FAILED)
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,238 @@
+"""ToolQueue: what apps import to enqueue MCP tool calls.
+
+Light on purpose: it sends tasks by name and reads shared state from Redis;
+it never imports the MCP SDK.
+"""
+
+from __future__ import annotations
+
+import json
+import time
+import uuid
+from typing import Any
+
+import redis
+from celery import Celery
+from celery.exceptions import TimeoutError as CeleryTimeoutError
+from celery.result import AsyncResult
+from kombu.exceptions import OperationalError
+
+from worker.celery import make_app
+from worker.errors import ErrorCode, MCPConnectionError, MCPTimeoutError
+from worker.keys import Keys
+from worker.result import ToolResult
+from worker.settings import Settings, redact_url
+from worker.task_names import CALL_TOOL, DISCOVER, HEALTH, RECONNECT
+
+#: Extra wait beyond the call's own deadline: queueing, connect, result write.
+RESULT_GRACE = 10.0
+#: Publishing retries: enough to ride out a blip, not to hang a caller.
+PUBLISH_RETRY = {"max_retries": 3, "interval_start": 0.1, "interval_step": 0.2, "interval_max": 0.5}
+
+
+class CallHandle:
+    """A submitted call. ``result()`` waits for and returns its ToolResult."""
+
+    def __init__(self, async_result: AsyncResult, tool: str, wait_hint: float | None = None) -> None:
+        self._async = async_result
+        self.tool = tool
+        self._wait_hint = wait_hint
+
+    @property
+    def id(self) -> str:
+        return str(self._async.id)
+
+    @property
+    def state(self) -> str:
+        return str(self._async.state)
+
+    def ready(self) -> bool:
+        return bool(self._async.ready())
+
+    def result(self, timeout: float | None = None) -> ToolResult:
+        """Wait for the ToolResult. Raises MCPTimeoutError if none came in time
+        (the call is still queued or running; ``id`` finds it later)."""
+        wait = timeout if timeout is not None else self._wait_hint
+        try:
+            raw = self._async.get(timeout=wait, propagate=False, disable_sync_subtasks=False)
+        except CeleryTimeoutError:
+            raise MCPTimeoutError(
+                f"no result for {self.tool!r} within {wait:g}s (task {self.id} is {self.state.lower()}); "
+                "is a worker running? start one with `mcpq worker`",
+                details={"task_id": self.id, "state": self.state},
+            ) from None
+        if isinstance(raw, dict) and "success" in raw:
+            return ToolResult.from_dict(raw)
+        # The task itself failed (a bug, a killed worker): still one terminal result.
+        return ToolResult(
+            success=False,
+            tool_name=self.tool,
+            error=f"task {self.id} ended in state {self._async.state}: {raw!r}"[:2000],
+            error_code=ErrorCode.INTERNAL_ERROR.value,
+            request_id=self.id,
+        )
+
+    def __repr__(self) -> str:
+        return f"<CallHandle {self.tool} id={self.id} state={self.state}>"
+
+
+class ToolQueue:
+    """Enqueue tool calls for mcpq workers and read the fleet's shared state."""
+
+    def __init__(self, settings: Settings | None = None, app: Celery | None = None) -> None:
+        self.settings = settings or Settings.from_env()
+        self.app = app or make_app(self.settings)
+        self.keys = Keys(self.settings.key_prefix)
+        self._redis: redis.Redis | None = None
+
+    @classmethod
+    def from_env(cls) -> ToolQueue:
+        return cls(Settings.from_env())
+
+    @property
+    def redis(self) -> redis.Redis:
+        if self._redis is None:
+            self._redis = redis.Redis.from_url(
+                self.settings.redis_url, socket_timeout=5.0, socket_connect_timeout=5.0, decode_responses=True
+            )
+        return self._redis
+
+    # -- calls -------------------------------------------------------------------
+    def submit(
+        self,
+        tool: str,
+        arguments: dict[str, Any] | None = None,
+        *,
+        server: str | None = None,
+        timeout: float | None = None,
+        request_id: str | None = None,
+        idempotency_key: str | None = None,
+    ) -> CallHandle:
+        """Enqueue one call and return at once. ``tool`` may be ``server/tool``."""
+        task_id = request_id or str(uuid.uuid4())
+        kwargs: dict[str, Any] = {"tool": tool, "arguments": arguments or {}}
+        if server is not None:
+            kwargs["server"] = server
+        if timeout is not None:
+            kwargs["timeout"] = timeout
+        if request_id is not None:
+            kwargs["request_id"] = request_id
+        if idempotency_key is not None:
+            kwargs["idempotency_key"] = idempotency_key
+        label = f"{server}/{tool}" if server else tool
+        try:
+            async_result = self.app.send_task(
+                CALL_TOOL,
+                kwargs=kwargs,
+                task_id=task_id,
+                queue=self.settings.queue,
+                retry=True,
+                retry_policy=PUBLISH_RETRY,
+                # Flower and logs show the tool, never argument values.
+                argsrepr="()",
+                kwargsrepr=json.dumps({"tool": label}),
+            )
+        except OperationalError as exc:
+            raise MCPConnectionError(
+                f"cannot reach the broker at {redact_url(self.settings.broker_url)}: {exc}; "
+                "set MCPQ_BROKER_URL or start Redis",
+                details={"broker": redact_url(self.settings.broker_url)},
+            ) from None
+        wait_hint = (timeout if timeout is not None else self.settings.default_timeout) + RESULT_GRACE
+        return CallHandle(async_result, label, wait_hint)
+
+    def call(
+        self,
+        tool: str,
+        arguments: dict[str, Any] | None = None,
+        *,
+        server: str | None = None,
+        timeout: float | None = None,
+        request_id: str | None = None,
+        idempotency_key: str | None = None,
+        wait: float | None = None,
+    ) -> ToolResult:
+        """Submit and wait. Always returns a ToolResult: failures to enqueue or
+        to hear back within ``wait`` seconds come back as failed results too."""
+        label = tool if server is None else f"{server}/{tool}"
+        try:
+            handle = self.submit(
+                tool,
+                arguments,
+                server=server,
+                timeout=timeout,
+                request_id=request_id,
+                idempotency_key=idempotency_key,
+            )
+            return handle.result(wait)
+        except (MCPConnectionError, MCPTimeoutError) as exc:
+            return ToolResult.failure(label, exc, request_id=request_id)
+
+    def get(self, task_id: str, tool: str = "?") -> CallHandle:
+        """A handle for a call submitted earlier (by id)."""
+        return CallHandle(AsyncResult(task_id, app=self.app), tool)
+
+    # -- admin tasks ---------------------------------------------------------------
+    def _admin(self, name: str, wait: float, **kwargs: Any) -> dict[str, Any]:
+        try:
+            async_result = self.app.send_task(
+                name, kwargs=kwargs, queue=self.settings.queue, retry=True, retry_policy=PUBLISH_RETRY
+            )
+            out = async_result.get(timeout=wait, propagate=True)
+        except OperationalError as exc:
+            raise MCPConnectionError(f"cannot reach the broker: {exc}") from None
+        except CeleryTimeoutError:
+            raise MCPTimeoutError(f"no worker answered {name} within {wait:g}s; is `mcpq worker` running?") from None
+        return dict(out)
+
+    def discover(self, server: str | None = None, wait: float = 60.0) -> dict[str, Any]:
+        return self._admin(DISCOVER, wait, server=server)
+
+    def health(self, server: str | None = None, wait: float = 60.0) -> dict[str, Any]:
+        return self._admin(HEALTH, wait, server=server)
+
+    def reconnect(self, server: str, wait: float = 30.0) -> dict[str, Any]:
+        return self._admin(RECONNECT, wait, server=server)
+
+    # -- shared state (read from Redis, no worker needed) ---------------------------
+    def servers(self) -> list[dict[str, Any]]:
+        raw = self.redis.hgetall(self.keys.servers)
+        out = []
+        for name in sorted(raw):
+            summary = json.loads(raw[name])
+            info_raw = self.redis.get(self.keys.server_info(name))
+            tools_raw = self.redis.get(self.keys.server_tools(name))
+            info = json.loads(info_raw) if info_raw else {}
+            tools = json.loads(tools_raw) if tools_raw else None
+            summary["protocol_version"] = info.get("protocol_version")
+            summary["server_info"] = info.get("server_info")
+            summary["tools"] = len(tools["tools"]) if tools else None
+            summary["discovered_at"] = tools.get("discovered_at") if tools else None
+            out.append(summary)
+        return out
+
+    def tools(self, server: str | None = None) -> list[dict[str, Any]]:
+        names = [server] if server else sorted(self.redis.hkeys(self.keys.servers))
+        if not names:
+            return []
+        docs = self.redis.mget([self.keys.server_tools(n) for n in names])
+        tool_map = self.redis.hgetall(self.keys.tool_map)
+        out = []
+        for name, doc in zip(names, docs, strict=True):
+            for tool in json.loads(doc)["tools"] if doc else []:
+                offered_by = json.loads(tool_map.get(tool["name"], "[]"))
+                out.append({"server": name, "ambiguous": len(offered_by) > 1, **tool})
+        return out
+
+    def wait_for_worker(self, timeout: float = 30.0) -> list[str]:
+        """Block until at least one worker answers a ping; return their names."""
+        deadline = time.monotonic() + timeout
+        while time.monotonic() < deadline:
+            replies = self.app.control.ping(timeout=0.5) or []
+            if replies:
+                return [name for reply in replies for name in reply]
+        raise MCPTimeoutError(f"no mcpq worker answered within {timeout:g}s")
+
+    def close(self) -> None:
+        if self._redis is not None:
+            self._redis.close()

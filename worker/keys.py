@@ -1,0 +1,44 @@
+"""Redis key layout for shared state. Every key starts with the configured prefix."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+
+@dataclass(frozen=True, slots=True)
+class Keys:
+    prefix: str = "mcpq:"
+
+    @property
+    def tool_map(self) -> str:
+        """Hash: tool name -> JSON list of server names offering it."""
+        return f"{self.prefix}tools:map"
+
+    @property
+    def servers(self) -> str:
+        """Hash: server name -> JSON summary (transport, enabled, description, status)."""
+        return f"{self.prefix}servers"
+
+    @property
+    def tools_version(self) -> str:
+        """Counter bumped on every publish: per-process caches compare against it."""
+        return f"{self.prefix}tools:version"
+
+    @property
+    def protocols(self) -> str:
+        """Hash: server -> JSON of the protocol mode it negotiated (saves auto's probe)."""
+        return f"{self.prefix}protocols"
+
+    def server_tools(self, server: str) -> str:
+        """String: JSON list of the server's tools (name, description, inputSchema, annotations)."""
+        return f"{self.prefix}server:{server}:tools"
+
+    def server_info(self, server: str) -> str:
+        """String: JSON of serverInfo, capabilities, protocol version, discovered_at."""
+        return f"{self.prefix}server:{server}:info"
+
+    def breaker(self, server: str) -> str:
+        return f"{self.prefix}breaker:{server}"
+
+    def reconnect_epoch(self, server: str) -> str:
+        return f"{self.prefix}server:{server}:epoch"

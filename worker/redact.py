@@ -1,0 +1,27 @@
+"""Keep secrets from config out of messages, logs and results."""
+
+from __future__ import annotations
+
+from urllib.parse import urlsplit
+
+from worker.config import MCPServerConfig
+
+MASK = "***"
+_MIN_SECRET_LEN = 4  # shorter values would mask ordinary words
+
+
+def secret_values(config: MCPServerConfig) -> list[str]:
+    values = [*config.header_values().values(), *config.env_values().values()]
+    if config.url:
+        password = urlsplit(config.url).password
+        if password:
+            values.append(password)
+    # A header like "Bearer abc123" leaks through its token alone too.
+    values += [part for v in list(values) for part in v.split() if part != v]
+    return sorted({v for v in values if len(v) >= _MIN_SECRET_LEN}, key=len, reverse=True)
+
+
+def scrub(text: str, config: MCPServerConfig) -> str:
+    for secret in secret_values(config):
+        text = text.replace(secret, MASK)
+    return text

@@ -1,0 +1,209 @@
+"""ToolRouter: resolve a tool to a server, validate, call, classify.
+
+The order matters and is part of the contract: nothing is sent to a server
+until the tool is resolved unambiguously and its arguments pass the tool's
+inputSchema.
+"""
+
+from __future__ import annotations
+
+import difflib
+import json
+import logging
+import time
+from dataclasses import dataclass
+from typing import Any
+
+from mcp import Client
+
+from worker.config import MCPQConfig, MCPServerConfig
+from worker.discovery import Discovery
+from worker.errors import (
+    AmbiguousToolError,
+    InternalError,
+    MCPError,
+    ResultTooLargeError,
+    ToolExecutionError,
+    ToolNotFoundError,
+)
+from worker.pool import ConnectionPool, OutcomeError
+from worker.redact import scrub
+from worker.registry import MCPServerRegistry
+from worker.result import ToolResult
+from worker.validation import validate_arguments
+
+log = logging.getLogger(__name__)
+
+
+@dataclass(frozen=True, slots=True)
+class Target:
+    server: MCPServerConfig
+    tool: str
+    definition: dict[str, Any]
+
+
+def split_qualified(tool: str, server: str | None) -> tuple[str, str | None]:
+    """``server/tool`` -> (tool, server). MCP tool names cannot contain '/'."""
+    if server is None and "/" in tool:
+        prefix, _, name = tool.partition("/")
+        if prefix and name:
+            return name, prefix
+    return tool, server
+
+
+class ToolRouter:
+    def __init__(
+        self, config: MCPQConfig, registry: MCPServerRegistry, pool: ConnectionPool, discovery: Discovery
+    ) -> None:
+        self.config = config
+        self.registry = registry
+        self.pool = pool
+        self.discovery = discovery
+
+    # -- resolve -----------------------------------------------------------------
+    def resolve(self, tool: str, server: str | None, deadline: float) -> Target:
+        tool, server = split_qualified(tool, server)
+        if server is not None:
+            return self._resolve_on(server, tool, deadline)
+        candidates = self.registry.servers_offering(tool)
+        failures: dict[str, MCPError] = {}
+        if not candidates:
+            # Unknown here may just mean not discovered yet, or changed since.
+            failures = self.discovery.ensure(self.registry.undiscovered(), deadline)
+            candidates = self.registry.servers_offering(tool, refresh=True)
+        if not candidates:
+            known = self.registry.known_tool_names()
+            close = difflib.get_close_matches(tool, known, n=3)
+            hint = f"; did you mean {', '.join(repr(c) for c in close)}?" if close else ""
+            unreachable = (
+                f" (not reachable to list their tools: {', '.join(sorted(failures))})" if failures else ""
+            )
+            raise ToolNotFoundError(
+                f"no enabled server offers a tool named {tool!r}{hint}{unreachable}",
+                details={"tool": tool, "suggestions": close, "unreachable": sorted(failures)},
+            )
+        if len(candidates) > 1:
+            listed = ", ".join(f"'{s}/{tool}'" for s in candidates)
+            raise AmbiguousToolError(
+                f"tool {tool!r} is offered by {len(candidates)} servers ({', '.join(candidates)}); "
+                f"name one with server= or the qualified form: {listed}",
+                details={"tool": tool, "servers": candidates},
+            )
+        return self._resolve_on(candidates[0], tool, deadline)
+
+    def _resolve_on(self, server: str, tool: str, deadline: float) -> Target:
+        config = self.registry.get_enabled(server)
+        toolset = self.registry.toolset(server)
+        if toolset is None or tool not in toolset.tools or self.registry.is_stale(server):
+            failures = self.discovery.ensure([server], deadline, force=toolset is not None)
+            toolset = self.registry.toolset(server)
+            if toolset is None and server in failures:
+                # Nothing known about the server and it cannot be reached: that
+                # is the real error, not an unknown tool.
+                raise failures[server]
+        if toolset is None or tool not in toolset.tools:
+            known = sorted(toolset.tools) if toolset else []
+            close = difflib.get_close_matches(tool, known, n=3)
+            hint = f"; did you mean {', '.join(repr(c) for c in close)}?" if close else ""
+            raise ToolNotFoundError(
+                f"server {server!r} offers no tool named {tool!r}{hint}",
+                details={"tool": tool, "server": server, "suggestions": close},
+            )
+        return Target(config, tool, toolset.tools[tool])
+
+    # -- call ----------------------------------------------------------------------
+    def call(
+        self,
+        tool: str,
+        arguments: dict[str, Any] | None,
+        *,
+        server: str | None = None,
+        timeout: float | None = None,
+        request_id: str | None = None,
+    ) -> ToolResult:
+        started = time.monotonic()
+        target: Target | None = None
+        try:
+            budget = timeout if timeout is not None else self._default_timeout(tool, server)
+            deadline = started + budget
+            target = self.resolve(tool, server, deadline)
+            args = {} if arguments is None else arguments
+            validate_arguments(target.tool, target.definition.get("inputSchema"), args)
+            data = self._execute(target, args, deadline, budget)
+            return self._result(tool, target, data, started, request_id)
+        except MCPError as exc:
+            return self._failure(tool, target, exc, started, request_id)
+        except OutcomeError as exc:
+            return self._failure(tool, target, exc.outcome.error, started, request_id)
+        except Exception as exc:  # the task must always end with a ToolResult
+            log.exception("internal error routing %r", tool)
+            err = InternalError(f"mcpq failed while calling {tool!r}: {type(exc).__name__}: {exc}")
+            return self._failure(tool, target, err, started, request_id)
+
+    def _default_timeout(self, tool: str, server: str | None) -> float:
+        name, server = split_qualified(tool, server)
+        config = self.config.mcp_servers.get(server) if server else None
+        if config is None:
+            return max((c.timeout for c in self.config.mcp_servers.values()), default=30.0)
+        override = config.tools.get(name)
+        return override.timeout if override and override.timeout else config.timeout
+
+    def _execute(self, target: Target, args: dict[str, Any], deadline: float, budget: float) -> dict[str, Any]:
+        async def op(client: Client) -> dict[str, Any]:
+            remaining = max(deadline - time.monotonic(), 0.001)
+            result = await client.call_tool(target.tool, args, read_timeout_seconds=remaining)
+            return result.model_dump(mode="json", by_alias=True, exclude_none=True)
+
+        idempotent = self._idempotent(target)
+        coro = self.pool.with_session(target.server.name, deadline, op, idempotent=idempotent)
+        # The loop enforces the deadline; this outer bound only guards against a wedged loop.
+        return self.pool.run(coro, timeout=budget + target.server.connect_timeout + 5)
+
+    def _idempotent(self, target: Target) -> bool:
+        configured = target.server.is_tool_idempotent(target.tool)
+        if configured is not None:
+            return configured
+        hints = target.definition.get("annotations") or {}
+        return bool(hints.get("idempotentHint") or hints.get("readOnlyHint"))
+
+    # -- results -------------------------------------------------------------------
+    def _result(
+        self, tool: str, target: Target, data: dict[str, Any], started: float, request_id: str | None
+    ) -> ToolResult:
+        elapsed = (time.monotonic() - started) * 1000
+        size = len(json.dumps(data, separators=(",", ":")))
+        if size > self.config.max_result_bytes:
+            err = ResultTooLargeError(
+                f"tool {target.tool!r} on {target.server.name!r} returned {size} bytes, over max_result_bytes "
+                f"({self.config.max_result_bytes}); the result was dropped",
+                details={"size": size, "limit": self.config.max_result_bytes},
+            )
+            return self._failure(tool, target, err, started, request_id)
+        if data.get("isError"):
+            text = " ".join(str(c.get("text", "")) for c in data.get("content", []) if c.get("type") == "text")
+            err = ToolExecutionError(f"tool {target.tool!r} reported an error: {text[:500]}".rstrip(": "))
+            return ToolResult.failure(
+                target.tool,
+                err,
+                server_name=target.server.name,
+                data=data,
+                execution_time_ms=round(elapsed, 3),
+                request_id=request_id,
+            )
+        return ToolResult.ok(
+            target.tool, target.server.name, data, execution_time_ms=round(elapsed, 3), request_id=request_id
+        )
+
+    def _failure(
+        self, tool: str, target: Target | None, error: MCPError, started: float, request_id: str | None
+    ) -> ToolResult:
+        if target is not None:
+            error.message = scrub(error.message, target.server)
+        elapsed = (time.monotonic() - started) * 1000
+        return ToolResult.failure(
+            target.tool if target else split_qualified(tool, None)[0],
+            error,
+            server_name=target.server.name if target else error.details.get("server"),
+            execution_time_ms=round(elapsed, 3),
+            request_id=request_id,
+        )

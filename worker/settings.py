@@ -1,0 +1,77 @@
+"""Process settings from the environment (``MCPQ_*``).
+
+Kept apart from the YAML server config: settings say where the broker and the
+shared state live; the YAML says which MCP servers exist.
+"""
+
+from __future__ import annotations
+
+import os
+from collections.abc import Mapping
+from dataclasses import dataclass, field, fields
+from typing import Any
+
+DEFAULT_REDIS = "redis://127.0.0.1:6379"
+
+
+@dataclass(frozen=True, slots=True)
+class Settings:
+    broker_url: str = f"{DEFAULT_REDIS}/0"
+    result_backend: str = f"{DEFAULT_REDIS}/1"
+    redis_url: str = f"{DEFAULT_REDIS}/2"
+    config_path: str = "config/servers.yaml"
+    key_prefix: str = "mcpq:"
+    queue: str = "mcpq"
+    default_timeout: float = 60.0
+    worker_concurrency: int = 32
+    result_expires: int = 86_400
+    admin_token: str | None = field(default=None, repr=False)
+
+    @classmethod
+    def from_env(cls, env: Mapping[str, str] | None = None) -> Settings:
+        env = os.environ if env is None else env
+        values: dict[str, Any] = {}
+        for f in fields(cls):
+            raw = env.get(f"MCPQ_{f.name.upper()}")
+            if raw is None or raw == "":
+                continue
+            values[f.name] = _coerce(f.name, raw, type(getattr(cls(), f.name)))
+        # The friendly spellings that Celery users already know.
+        if "config_path" not in values and env.get("MCPQ_CONFIG"):
+            values["config_path"] = env["MCPQ_CONFIG"]
+        return cls(**values)
+
+    def redacted(self) -> dict[str, Any]:
+        """For logs and `mcpq info`: URLs without passwords, no token."""
+        out: dict[str, Any] = {}
+        for f in fields(self):
+            value = getattr(self, f.name)
+            if f.name == "admin_token":
+                value = "set" if value else "unset"
+            elif isinstance(value, str) and "://" in value:
+                value = redact_url(value)
+            out[f.name] = value
+        return out
+
+
+def _coerce(name: str, raw: str, kind: type) -> Any:
+    try:
+        if kind is int:
+            return int(raw)
+        if kind is float:
+            return float(raw)
+    except ValueError:
+        from worker.errors import ConfigError
+
+        raise ConfigError(f"MCPQ_{name.upper()}={raw!r} is not a valid {kind.__name__}") from None
+    return raw
+
+
+def redact_url(url: str) -> str:
+    """``redis://:secret@host`` -> ``redis://:***@host``."""
+    scheme, sep, rest = url.partition("://")
+    if not sep or "@" not in rest.split("/", 1)[0]:
+        return url
+    userinfo, _, hostpart = rest.partition("@")
+    user = userinfo.split(":", 1)[0]
+    return f"{scheme}://{user}:***@{hostpart}"

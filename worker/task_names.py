@@ -1,0 +1,9 @@
+"""Task names: the producer sends by name, so these strings are the contract."""
+
+CALL_TOOL = "mcpq.call_tool"
+DISCOVER = "mcpq.discover"
+HEALTH = "mcpq.health"
+RECONNECT = "mcpq.reconnect"
+
+#: Queue every mcpq task goes to unless routed otherwise.
+DEFAULT_QUEUE = "mcpq"

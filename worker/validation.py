@@ -1,0 +1,66 @@
+"""Check arguments against a tool's inputSchema before anything is sent."""
+
+from __future__ import annotations
+
+import json
+import threading
+from typing import Any
+
+from jsonschema import exceptions as js_exceptions
+from jsonschema import validators
+
+from worker.errors import InvalidArgumentsError
+
+_MAX_LISTED = 5
+
+_lock = threading.Lock()
+_cache: dict[str, Any] = {}
+
+
+def _validator_for(schema: dict[str, Any]) -> Any:
+    key = json.dumps(schema, sort_keys=True)
+    validator = _cache.get(key)
+    if validator is None:
+        cls = validators.validator_for(schema)
+        try:
+            cls.check_schema(schema)
+        except js_exceptions.SchemaError:
+            # A server with a broken schema should not block its own tool:
+            # the server validates too, so fall back to no local check.
+            validator = False
+        else:
+            validator = cls(schema)
+        with _lock:
+            if len(_cache) > 4096:
+                _cache.clear()
+            _cache[key] = validator
+    return validator
+
+
+def _where(error: js_exceptions.ValidationError) -> str:
+    path = "".join(f"[{p}]" if isinstance(p, int) else f".{p}" for p in error.absolute_path)
+    return f"at '{path.lstrip('.')}': " if path else ""
+
+
+def validate_arguments(tool: str, schema: dict[str, Any] | None, arguments: Any) -> None:
+    """Raise InvalidArgumentsError listing what is wrong, or return."""
+    if not isinstance(arguments, dict):
+        raise InvalidArgumentsError(
+            f"arguments for {tool!r} must be a JSON object, got {type(arguments).__name__}",
+            details={"tool": tool},
+        )
+    if not schema:
+        return
+    validator = _validator_for(schema)
+    if validator is False:
+        return
+    errors = sorted(validator.iter_errors(arguments), key=lambda e: list(e.absolute_path))
+    if not errors:
+        return
+    problems = [f"{_where(e)}{e.message}" for e in errors]
+    shown = "; ".join(problems[:_MAX_LISTED])
+    more = f" (and {len(problems) - _MAX_LISTED} more)" if len(problems) > _MAX_LISTED else ""
+    raise InvalidArgumentsError(
+        f"arguments for {tool!r} do not match its inputSchema: {shown}{more}",
+        details={"tool": tool, "problems": problems[:20]},
+    )
