@@ -57,7 +57,7 @@ def _fail(message: str, code: int) -> NoReturn:
     sys.exit(code)
 
 
-def _unreachable(exc: Exception) -> NoReturn:
+def _unreachable(exc: BaseException) -> NoReturn:
     _fail(f"{exc}", EXIT_UNREACHABLE)
 
 
@@ -127,7 +127,9 @@ def tools(server: str | None, as_json: bool, refresh: bool) -> None:
         _fail("no tools known yet: start a worker (`mcpq worker`) or run `mcpq tools --refresh`", EXIT_FAILED)
     for row in rows:
         row["call as"] = f"{row['server']}/{row['name']}" if row["ambiguous"] else row["name"]
-        row["description"] = (row.get("description") or "").splitlines()[0][:60] if row.get("description") else ""
+        row["description"] = (
+            (row.get("description") or "").splitlines()[0][:60] if row.get("description") else ""
+        )
     _table(rows, ["server", "name", "call as", "description"])
 
 
@@ -139,7 +141,12 @@ def tools(server: str | None, as_json: bool, refresh: bool) -> None:
 @click.option("--wait", type=float, help="How long to wait for the result (default: deadline + 10 s).")
 @click.option("--no-wait", is_flag=True, help="Enqueue and print the task id only.")
 def call(
-    tool: str, arguments: tuple[str, ...], server: str | None, timeout: float | None, wait: float | None, no_wait: bool
+    tool: str,
+    arguments: tuple[str, ...],
+    server: str | None,
+    timeout: float | None,
+    wait: float | None,
+    no_wait: bool,
 ) -> None:
     """Call TOOL with ARGUMENTS ('{"a": 1}' or a=1 b=2); print the result as JSON.
 
@@ -184,8 +191,12 @@ def discover(server: str | None, as_json: bool) -> None:
 
 
 @cli.command()
-@click.option("--concurrency", "-c", type=int, help="Threads per worker process (default MCPQ_WORKER_CONCURRENCY).")
-@click.option("--pool", "-P", default="threads", show_default=True, help="Celery pool: threads, prefork, solo.")
+@click.option(
+    "--concurrency", "-c", type=int, help="Threads per worker process (default MCPQ_WORKER_CONCURRENCY)."
+)
+@click.option(
+    "--pool", "-P", default="threads", show_default=True, help="Celery pool: threads, prefork, solo."
+)
 @click.option("--loglevel", "-l", default="info", show_default=True)
 @click.argument("celery_args", nargs=-1, type=click.UNPROCESSED)
 def worker(concurrency: int | None, pool: str, loglevel: str, celery_args: tuple[str, ...]) -> None:

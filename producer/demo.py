@@ -83,8 +83,10 @@ def _show(label: str, result: ToolResult) -> None:
     if result.success:
         value: Any = result.structured if result.structured is not None else result.text
         status = click.style("ok", fg="green")
-        click.echo(f"  {status:>4}  {label:<44} -> {json.dumps(value)}  [{result.server_name}, "
-                   f"{result.execution_time_ms:.1f} ms]")  # fmt: skip
+        click.echo(
+            f"  {status:>4}  {label:<44} -> {json.dumps(value)}  [{result.server_name}, "
+            f"{result.execution_time_ms:.1f} ms]"
+        )
     else:
         status = click.style(result.error_code or "error", fg="yellow")
         click.echo(f"  {label:<44} -> {status}: {result.error}")
@@ -108,7 +110,9 @@ def run_demo(keep: bool = False) -> int:
         http_port, sse_port = free_port(), free_port()
         workdir = Path(stack.enter_context(tempfile.TemporaryDirectory(prefix="mcpq-demo-")))
         config_path = workdir / "servers.yaml"
-        config_path.write_text(DEMO_CONFIG.format(python=sys.executable, http_port=http_port, sse_port=sse_port))
+        config_path.write_text(
+            DEMO_CONFIG.format(python=sys.executable, http_port=http_port, sse_port=sse_port)
+        )
         env["MCPQ_CONFIG"] = str(config_path)
         env.setdefault("MCPQ_QUEUE", f"mcpq-demo-{os.getpid()}")
 
@@ -123,11 +127,27 @@ def run_demo(keep: bool = False) -> int:
         click.echo("* starting one mcpq worker (threads pool); it starts the stdio server itself")
         stack.enter_context(
             _process(
-                [sys.executable, "-m", "celery", "-A", "worker", "worker", "-P", "threads", "-c", "16",
-                 "-Q", settings.queue, "--loglevel", "warning", "--without-gossip", "--without-mingle"],
+                [
+                    sys.executable,
+                    "-m",
+                    "celery",
+                    "-A",
+                    "worker",
+                    "worker",
+                    "-P",
+                    "threads",
+                    "-c",
+                    "16",
+                    "-Q",
+                    settings.queue,
+                    "--loglevel",
+                    "warning",
+                    "--without-gossip",
+                    "--without-mingle",
+                ],
                 env,
                 quiet=not keep,
-            )  # fmt: skip
+            )
         )
         queue = ToolQueue(settings)
         queue.wait_for_worker(timeout=60)
@@ -163,7 +183,10 @@ def run_demo(keep: bool = False) -> int:
         click.echo(f"  {ok}/{n} correct in {elapsed:.2f} s ({n / elapsed:.0f} calls/s, one worker process)")
 
         if keep:
-            click.echo(f"\nRunning. MCPQ_BROKER_URL={env['MCPQ_BROKER_URL']} MCPQ_QUEUE={settings.queue}. Ctrl-C stops.")
+            click.echo(
+                f"\nRunning. MCPQ_BROKER_URL={env['MCPQ_BROKER_URL']} MCPQ_QUEUE={settings.queue}."
+                " Ctrl-C stops."
+            )
             with contextlib.suppress(KeyboardInterrupt):
                 signal.pause()
         click.echo("\n* shutting down (the worker stops its stdio server)")

@@ -56,16 +56,29 @@ class EmbeddedRedis:
         binary = find_redis_server()
         self.process = subprocess.Popen(
             [
-                binary, "--port", str(self.port), "--bind", "127.0.0.1", "--save", "",
-                "--appendonly", "no", "--dir", self._dir.name, "--maxmemory-policy", "noeviction",
-            ],  # fmt: skip
+                binary,
+                "--port",
+                str(self.port),
+                "--bind",
+                "127.0.0.1",
+                "--save",
+                "",
+                "--appendonly",
+                "no",
+                "--dir",
+                self._dir.name,
+                "--maxmemory-policy",
+                "noeviction",
+            ],
             stdout=subprocess.DEVNULL,
             stderr=subprocess.DEVNULL,
         )
         deadline = time.monotonic() + self.start_timeout
         while time.monotonic() < deadline:
             if self.process.poll() is not None:
-                raise ConfigError(f"redis-server ({binary}) exited at start with code {self.process.returncode}")
+                raise ConfigError(
+                    f"redis-server ({binary}) exited at start with code {self.process.returncode}"
+                )
             try:
                 with socket.create_connection(("127.0.0.1", self.port), timeout=0.2) as conn:
                     conn.sendall(b"PING\r\n")

@@ -182,7 +182,9 @@ class ToolQueue:
         except OperationalError as exc:
             raise MCPConnectionError(f"cannot reach the broker: {exc}") from None
         except CeleryTimeoutError:
-            raise MCPTimeoutError(f"no worker answered {name} within {wait:g}s; is `mcpq worker` running?") from None
+            raise MCPTimeoutError(
+                f"no worker answered {name} within {wait:g}s; is `mcpq worker` running?"
+            ) from None
         return dict(out)
 
     def discover(self, server: str | None = None, wait: float = 60.0) -> dict[str, Any]:
@@ -196,7 +198,7 @@ class ToolQueue:
 
     # -- shared state (read from Redis, no worker needed) ---------------------------
     def servers(self) -> list[dict[str, Any]]:
-        raw = self.redis.hgetall(self.keys.servers)
+        raw: dict[str, str] = self.redis.hgetall(self.keys.servers)  # type: ignore[assignment]
         out = []
         for name in sorted(raw):
             summary = json.loads(raw[name])
@@ -212,7 +214,7 @@ class ToolQueue:
         return out
 
     def tools(self, server: str | None = None) -> list[dict[str, Any]]:
-        names = [server] if server else sorted(self.redis.hkeys(self.keys.servers))
+        names: list[str] = [server] if server else sorted(self.redis.hkeys(self.keys.servers))  # type: ignore[arg-type]
         if not names:
             return []
         docs = self.redis.mget([self.keys.server_tools(n) for n in names])

@@ -20,7 +20,9 @@ log = logging.getLogger(__name__)
 
 def make_app(settings: Settings | None = None) -> Celery:
     settings = settings or Settings.from_env()
-    app = Celery("mcpq", broker=settings.broker_url, backend=settings.result_backend, include=["worker.tasks"])
+    app = Celery(
+        "mcpq", broker=settings.broker_url, backend=settings.result_backend, include=["worker.tasks"]
+    )
     app.conf.update(
         task_serializer="json",
         result_serializer="json",

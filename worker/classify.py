@@ -63,7 +63,9 @@ class SessionClosedBeforeSend(Exception):
 def leaf_exception(exc: BaseException) -> BaseException:
     """The most telling exception inside (possibly nested) exception groups."""
     while isinstance(exc, BaseExceptionGroup):
-        leaves = [e for e in exc.exceptions if not isinstance(e, asyncio.CancelledError)] or list(exc.exceptions)
+        leaves = [e for e in exc.exceptions if not isinstance(e, asyncio.CancelledError)] or list(
+            exc.exceptions
+        )
         # An SDK error names the JSON-RPC failure; prefer it over teardown noise.
         sdk = [e for e in leaves if isinstance(e, SDKError | BaseExceptionGroup)]
         exc = (sdk or leaves)[0]
@@ -86,7 +88,7 @@ def classify(exc: BaseException, server: str, phase: Phase, timeout: float | Non
         return Outcome(leaf, transport, transport, sent and transport, transport)
 
     if isinstance(leaf, SessionClosedBeforeSend):
-        err = MCPConnectionError(f"{where}: connection closed before the call was sent")
+        err: MCPError = MCPConnectionError(f"{where}: connection closed before the call was sent")
         return Outcome(err, True, True, False, True)
 
     if isinstance(leaf, SDKError):
@@ -119,7 +121,9 @@ def classify(exc: BaseException, server: str, phase: Phase, timeout: float | Non
         return Outcome(err, True, True, sent, True)
 
     if isinstance(leaf, ValidationError):
-        err = ProtocolError(f"{where}: answered with a message that is not valid MCP ({leaf.error_count()} errors)")
+        err = ProtocolError(
+            f"{where}: answered with a message that is not valid MCP ({leaf.error_count()} errors)"
+        )
         return Outcome(err, False, False, sent, False)
 
     err = InternalError(f"{where}: unexpected {_describe(leaf)}")
@@ -128,6 +132,7 @@ def classify(exc: BaseException, server: str, phase: Phase, timeout: float | Non
 
 def _classify_jsonrpc(exc: SDKError, where: str, sent: bool, timeout: float | None) -> Outcome:
     code, text = exc.code, exc.message
+    err: MCPError
     if code == CONNECTION_CLOSED:
         return Outcome(MCPConnectionError(f"{where}: connection closed ({text})"), True, True, sent, True)
     if code == REQUEST_TIMEOUT:
@@ -140,7 +145,9 @@ def _classify_jsonrpc(exc: SDKError, where: str, sent: bool, timeout: float | No
         err = MCPConnectionError(f"{where}: session expired on the server ({text})")
         return Outcome(err, False, True, False, True)
     if code == INVALID_PARAMS:
-        return Outcome(InvalidArgumentsError(f"{where} rejected the arguments: {text}"), False, False, False, False)
+        return Outcome(
+            InvalidArgumentsError(f"{where} rejected the arguments: {text}"), False, False, False, False
+        )
     if code == INTERNAL_ERROR:
         # The SDK's stand-in for an HTTP 5xx, or a JSON-RPC internal error:
         # both say the server is unwell.

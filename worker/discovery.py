@@ -58,7 +58,8 @@ class Discovery:
             running = asyncio.ensure_future(self._discover(server, deadline))
             self._inflight[server] = running
             running.add_done_callback(lambda _f: self._inflight.pop(server, None))
-        return await asyncio.shield(running)
+        outcome: ToolSet | MCPError = await asyncio.shield(running)
+        return outcome
 
     async def _discover(self, server: str, deadline: float) -> ToolSet | MCPError:
         try:

@@ -49,7 +49,9 @@ class MCPClientManager:
         remembered = {
             name: ProtocolChoice(doc.get("mode", "auto"), doc.get("discover"))
             for name, doc in self.registry.load_protocols().items()
-            if isinstance(doc, dict) and name in config.mcp_servers and config.mcp_servers[name].protocol == "auto"
+            if isinstance(doc, dict)
+            and name in config.mcp_servers
+            and config.mcp_servers[name].protocol == "auto"
         }
         self.pool = ConnectionPool(
             config.mcp_servers,
@@ -71,7 +73,9 @@ class MCPClientManager:
             "connected_at": time.time(),
         }
         self._io.submit(self.registry.publish_info, server, info)
-        self._io.submit(self.registry.save_protocol, server, {"mode": choice.mode, "discover": choice.discover})
+        self._io.submit(
+            self.registry.save_protocol, server, {"mode": choice.mode, "discover": choice.discover}
+        )
 
     def _on_tools_changed(self, server: str) -> None:
         log.info("server %r announced a changed tool list; refreshing", server)
@@ -93,12 +97,18 @@ class MCPClientManager:
         names = [server] if server else self.registry.enabled_names()
         for name in names:
             self.registry.get_enabled(name)
-        deadline = time.monotonic() + max((self.registry.get(n).connect_timeout for n in names), default=10) + 30
+        deadline = (
+            time.monotonic() + max((self.registry.get(n).connect_timeout for n in names), default=10) + 30
+        )
         failures = self.discovery.ensure(names, deadline, force=True)
         out: dict[str, Any] = {}
         for name in names:
             if name in failures:
-                out[name] = {"ok": False, "error": failures[name].message, "error_code": failures[name].code.value}
+                out[name] = {
+                    "ok": False,
+                    "error": failures[name].message,
+                    "error_code": failures[name].code.value,
+                }
             else:
                 toolset = self.registry.toolset(name)
                 out[name] = {"ok": True, "tools": sorted(toolset.tools) if toolset else []}
@@ -123,7 +133,7 @@ class MCPClientManager:
         out = []
         for name in names:
             toolset = self.registry.toolset(name)
-            for tool in (toolset.tools.values() if toolset else []):
+            for tool in toolset.tools.values() if toolset else []:
                 out.append({"server": name, **tool})
         return out
 
@@ -150,7 +160,11 @@ class MCPClientManager:
                 self.pool.with_session(server, deadline, op, idempotent=True), timeout=deadline - started + 5
             )
         except OutcomeError as exc:
-            return {"healthy": False, "error": exc.outcome.error.message, "error_code": exc.outcome.error.code.value}
+            return {
+                "healthy": False,
+                "error": exc.outcome.error.message,
+                "error_code": exc.outcome.error.code.value,
+            }
         except MCPError as exc:
             return {"healthy": False, "error": exc.message, "error_code": exc.code.value}
         return {"healthy": True, "latency_ms": round((time.monotonic() - started) * 1000, 3), **answer}

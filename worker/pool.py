@@ -32,7 +32,7 @@ import anyio
 import mcp_types as types
 from mcp import Client
 
-from worker.classify import SessionClosedBeforeSend, classify
+from worker.classify import Outcome, SessionClosedBeforeSend, classify
 from worker.config import MCPServerConfig
 from worker.errors import MCPConnectionError, MCPError, MCPTimeoutError, ServerNotFoundError
 from worker.loop import LoopThread
@@ -76,7 +76,9 @@ OnConnected = Callable[[str, ServerHandshake, ProtocolChoice], None]
 class Session:
     """One open MCP client session, owned by a parked task."""
 
-    def __init__(self, config: MCPServerConfig, choice: ProtocolChoice, on_tools_changed: OnToolsChanged) -> None:
+    def __init__(
+        self, config: MCPServerConfig, choice: ProtocolChoice, on_tools_changed: OnToolsChanged
+    ) -> None:
         self.config = config
         self.choice = choice
         self.client: Client | None = None
@@ -119,16 +121,20 @@ class Session:
                     f"server {self.config.name!r}: connecting did not finish within {timeout:g}s",
                     details={"server": self.config.name, "phase": "connect"},
                 )
-        except BaseException as exc:  # noqa: BLE001 - every failure must reach the waiter
+        except BaseException as exc:
             if not ready.done():
                 ready.set_exception(exc if isinstance(exc, Exception) else MCPConnectionError(str(exc)))
             elif not isinstance(exc, asyncio.CancelledError):
-                log.info("session to %r ended: %s", self.config.name, classify(exc, self.config.name, "call").error)
+                log.info(
+                    "session to %r ended: %s", self.config.name, classify(exc, self.config.name, "call").error
+                )
         finally:
             self.broken = True
             self.client = None
             if not ready.done():
-                ready.set_exception(MCPConnectionError(f"server {self.config.name!r}: session closed during connect"))
+                ready.set_exception(
+                    MCPConnectionError(f"server {self.config.name!r}: session closed during connect")
+                )
 
     async def _on_message(self, message: Any) -> None:
         # Handshake-era servers announce tool changes spontaneously; modern
@@ -162,7 +168,9 @@ class Session:
         session = self.client.session
         discover = getattr(session, "discover_result", None)
         if discover is not None:
-            return ProtocolChoice(self.client.protocol_version, discover.model_dump(mode="json", by_alias=True))
+            return ProtocolChoice(
+                self.client.protocol_version, discover.model_dump(mode="json", by_alias=True)
+            )
         return ProtocolChoice("legacy")
 
     async def close(self) -> None:
@@ -311,7 +319,9 @@ class ConnectionPool:
         if slots is None:
             config = self.configs.get(server)
             if config is None:
-                raise ServerNotFoundError(f"no server named {server!r} is configured", details={"server": server})
+                raise ServerNotFoundError(
+                    f"no server named {server!r} is configured", details={"server": server}
+                )
             slots = self._slots[server] = ServerSlots(self, config)
         return slots
 
@@ -403,7 +413,7 @@ class ConnectionPool:
 class _OutcomeError(Exception):
     """Carries a classified outcome out of :meth:`ConnectionPool.with_session`."""
 
-    def __init__(self, outcome: Any) -> None:
+    def __init__(self, outcome: Outcome) -> None:
         super().__init__(outcome.error.message)
         self.outcome = outcome
 

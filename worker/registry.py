@@ -134,13 +134,15 @@ class MCPServerRegistry:
 
     def publish_servers(self) -> None:
         """Write every configured server's summary (no secrets) for the producer."""
-        mapping = {name: json.dumps(c.summary()) for name, c in self.servers.items()}
+        mapping: dict[str | bytes, str | bytes] = {
+            n: json.dumps(c.summary()) for n, c in self.servers.items()
+        }
 
         def write() -> None:
             pipe = self.redis.pipeline()
             pipe.delete(self.keys.servers)
             if mapping:
-                pipe.hset(self.keys.servers, mapping=mapping)
+                pipe.hset(self.keys.servers, mapping=mapping)  # type: ignore[arg-type]
             pipe.execute()
 
         self._redis_call("publishing servers", write)
@@ -169,7 +171,9 @@ class MCPServerRegistry:
             current = self._toolsets.get(server)
             if current is not None:
                 current.info = info
-        self._redis_call("publishing server info", self.redis.set, self.keys.server_info(server), json.dumps(info))
+        self._redis_call(
+            "publishing server info", self.redis.set, self.keys.server_info(server), json.dumps(info)
+        )
 
     def _maybe_reload(self, force: bool = False) -> None:
         now = time.monotonic()
@@ -185,9 +189,7 @@ class MCPServerRegistry:
         names = list(self.servers)
         if not names:
             return
-        docs = self._redis_call(
-            "loading tools", self.redis.mget, [self.keys.server_tools(n) for n in names]
-        )
+        docs = self._redis_call("loading tools", self.redis.mget, [self.keys.server_tools(n) for n in names])
         if docs is None:
             return
         with self._lock:
@@ -250,4 +252,6 @@ class MCPServerRegistry:
         return out
 
     def save_protocol(self, server: str, choice: dict[str, Any]) -> None:
-        self._redis_call("saving protocol memory", self.redis.hset, self.keys.protocols, server, json.dumps(choice))
+        self._redis_call(
+            "saving protocol memory", self.redis.hset, self.keys.protocols, server, json.dumps(choice)
+        )

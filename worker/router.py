@@ -148,7 +148,9 @@ class ToolRouter:
         override = config.tools.get(name)
         return override.timeout if override and override.timeout else config.timeout
 
-    def _execute(self, target: Target, args: dict[str, Any], deadline: float, budget: float) -> dict[str, Any]:
+    def _execute(
+        self, target: Target, args: dict[str, Any], deadline: float, budget: float
+    ) -> dict[str, Any]:
         async def op(client: Client) -> dict[str, Any]:
             remaining = max(deadline - time.monotonic(), 0.001)
             result = await client.call_tool(target.tool, args, read_timeout_seconds=remaining)
@@ -173,14 +175,16 @@ class ToolRouter:
         elapsed = (time.monotonic() - started) * 1000
         size = len(json.dumps(data, separators=(",", ":")))
         if size > self.config.max_result_bytes:
-            err = ResultTooLargeError(
-                f"tool {target.tool!r} on {target.server.name!r} returned {size} bytes, over max_result_bytes "
-                f"({self.config.max_result_bytes}); the result was dropped",
+            err: MCPError = ResultTooLargeError(
+                f"tool {target.tool!r} on {target.server.name!r} returned {size} bytes, over "
+                f"max_result_bytes ({self.config.max_result_bytes}); the result was dropped",
                 details={"size": size, "limit": self.config.max_result_bytes},
             )
             return self._failure(tool, target, err, started, request_id)
         if data.get("isError"):
-            text = " ".join(str(c.get("text", "")) for c in data.get("content", []) if c.get("type") == "text")
+            text = " ".join(
+                str(c.get("text", "")) for c in data.get("content", []) if c.get("type") == "text"
+            )
             err = ToolExecutionError(f"tool {target.tool!r} reported an error: {text[:500]}".rstrip(": "))
             return ToolResult.failure(
                 target.tool,

@@ -30,7 +30,9 @@ def _check_call_shape(tool: Any, arguments: Any, server: Any, timeout: Any) -> M
         )
     if server is not None and (not isinstance(server, str) or not server):
         return InternalError(f"malformed task: 'server' must be a string, got {type(server).__name__}")
-    if timeout is not None and (isinstance(timeout, bool) or not isinstance(timeout, int | float) or timeout <= 0):
+    if timeout is not None and (
+        isinstance(timeout, bool) or not isinstance(timeout, int | float) or timeout <= 0
+    ):
         return InternalError(f"malformed task: 'timeout' must be a positive number, got {timeout!r}")
     return None
 

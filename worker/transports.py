@@ -75,7 +75,9 @@ def client_target(config: MCPServerConfig) -> Any:
             timeout=config.connect_timeout,
             sse_read_timeout=SSE_READ_TIMEOUT,
         )
-    return _streamable_http(config.url, headers, config.connect_timeout, max(config.timeout, SSE_READ_TIMEOUT))
+    return _streamable_http(
+        config.url, headers, config.connect_timeout, max(config.timeout, SSE_READ_TIMEOUT)
+    )
 
 
 @asynccontextmanager
@@ -85,6 +87,8 @@ async def _streamable_http(
     # The SDK leaves a caller-supplied httpx client open; owning it here means
     # every closed session also closes its connection pool.
     timeout = httpx2.Timeout(connect_timeout, read=read_timeout)
-    async with create_mcp_http_client(headers=headers or None, timeout=timeout) as http_client:
-        async with streamable_http_client(url, http_client=http_client) as streams:
-            yield streams
+    async with (
+        create_mcp_http_client(headers=headers or None, timeout=timeout) as http_client,
+        streamable_http_client(url, http_client=http_client) as streams,
+    ):
+        yield streams

@@ -187,7 +187,9 @@ def test_max_sessions_spreads_load(make_stack: Callable[..., Any], count_dir: Pa
     assert len(servers) >= 2, f"expected several stdio sessions, found processes {servers}"
 
 
-def test_killed_stdio_server_is_replaced_transparently(make_stack: Callable[..., Any], count_dir: Path) -> None:
+def test_killed_stdio_server_is_replaced_transparently(
+    make_stack: Callable[..., Any], count_dir: Path
+) -> None:
     import os
     import signal
 
@@ -217,7 +219,9 @@ def test_restarted_http_server_is_reconnected(
     assert after.structured == {"result": 4}
 
 
-def test_restarted_sse_server_is_reconnected(make_stack: Callable[..., Any], sse_server: ServerProcess) -> None:
+def test_restarted_sse_server_is_reconnected(
+    make_stack: Callable[..., Any], sse_server: ServerProcess
+) -> None:
     stack = make_stack({"legacy": {"transport": "sse", "url": sse_server.url}})
     stack.start_worker()
     assert stack.queue.call("add", {"a": 1, "b": 2}, timeout=30).success
@@ -233,7 +237,9 @@ def test_restarted_sse_server_is_reconnected(make_stack: Callable[..., Any], sse
 def test_server_that_never_answers_times_out_within_deadline(make_stack: Callable[..., Any]) -> None:
     hang = start_hang_server()
     try:
-        stack = make_stack({"stuck": {"transport": "http", "url": hang.url, "timeout": 2, "connect_timeout": 1.5}})
+        stack = make_stack(
+            {"stuck": {"transport": "http", "url": hang.url, "timeout": 2, "connect_timeout": 1.5}}
+        )
         stack.start_worker()
         started = time.monotonic()
         result = stack.queue.call("stuck/anything", {}, timeout=2, wait=30)

@@ -26,12 +26,16 @@ WORKER_READY_TIMEOUT = 60.0
 class Stack:
     """One isolated mcpq deployment: its own queue, key prefix and config."""
 
-    def __init__(self, redis_url: str, workdir: Path, servers: Mapping[str, Mapping[str, Any]], **top: Any) -> None:
+    def __init__(
+        self, redis_url: str, workdir: Path, servers: Mapping[str, Mapping[str, Any]], **top: Any
+    ) -> None:
         self.redis_url = redis_url
         self.workdir = workdir
         self.tag = uuid.uuid4().hex[:8]
         self.config_path = workdir / f"servers-{self.tag}.yaml"
-        self.config_path.write_text(yaml.safe_dump({"mcp_servers": {k: dict(v) for k, v in servers.items()}, **top}))
+        self.config_path.write_text(
+            yaml.safe_dump({"mcp_servers": {k: dict(v) for k, v in servers.items()}, **top})
+        )
         self.env = {
             **os.environ,
             "MCPQ_BROKER_URL": f"{redis_url}/0",
@@ -92,7 +96,12 @@ class WorkerProcess:
         ]  # fmt: skip
         with self.log_path.open("ab") as log:
             self.proc = subprocess.Popen(
-                argv, env=self.env, cwd=REPO_ROOT, stdout=log, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL
+                argv,
+                env=self.env,
+                cwd=REPO_ROOT,
+                stdout=log,
+                stderr=subprocess.STDOUT,
+                stdin=subprocess.DEVNULL,
             )
         control = self.stack.queue.app.control
 
@@ -101,7 +110,12 @@ class WorkerProcess:
                 raise AssertionError(f"worker exited with {self.proc.returncode}:\n{self.log_tail()}")
             return bool(control.ping(destination=[self.name], timeout=0.3))
 
-        wait_until(answered, WORKER_READY_TIMEOUT, interval=0.05, message=lambda: f"worker not up:\n{self.log_tail()}")
+        wait_until(
+            answered,
+            WORKER_READY_TIMEOUT,
+            interval=0.05,
+            message=lambda: f"worker not up:\n{self.log_tail()}",
+        )
 
     def children(self) -> list[int]:
         return descendants(self.pid) if self.proc and self.proc.poll() is None else []

@@ -1,0 +1,42 @@
+# The two commands: `make demo` runs the end-to-end demo, `make test` runs everything CI runs.
+PYTHON ?= python3
+VENV ?= .venv
+BIN := $(VENV)/bin
+
+.PHONY: demo test setup lint unit integration bench clean
+
+$(BIN)/python:
+	$(PYTHON) -c 'import sys; assert sys.version_info >= (3, 11), "mcpq needs Python 3.11+"'
+	$(PYTHON) -m venv $(VENV)
+	$(BIN)/pip install -q --upgrade pip
+
+# Main job: embedded Redis, a worker, the demo server over stdio/HTTP/SSE, calls and results.
+demo: $(BIN)/python
+	$(BIN)/pip install -q -e .
+	$(BIN)/mcpq demo
+
+setup: $(BIN)/python
+	$(BIN)/pip install -q -e ".[dev,api,flower]"
+	@command -v npm >/dev/null || { echo "npm (Node.js 20+) is needed for the server-everything tests"; exit 1; }
+	npm ci --prefix tests/npm --no-audit --no-fund --loglevel=error
+
+lint: setup
+	$(BIN)/ruff check worker producer tests bench
+	$(BIN)/ruff format --check worker producer tests bench
+	$(BIN)/mypy worker producer
+
+# Everything: lint, unit and integration tests (a private redis-server is started by the tests).
+test: lint
+	$(BIN)/pytest -q
+
+unit: setup
+	$(BIN)/pytest -q tests/unit
+
+integration: setup
+	$(BIN)/pytest -q tests/integration
+
+bench: setup
+	$(BIN)/python -m bench.latency
+
+clean:
+	rm -rf $(VENV) tests/npm/node_modules .pytest_cache .mypy_cache .ruff_cache *.egg-info
