@@ -10,12 +10,13 @@ from __future__ import annotations
 import json
 import os
 import sys
+import time
 from collections.abc import Sequence
 from typing import Any, NoReturn
 
 import click
 
-from worker.errors import ConfigError, MCPConnectionError, MCPError, MCPTimeoutError
+from worker.errors import ConfigError, MCPConnectionError, MCPError, MCPTimeoutError, ServerNotFoundError
 from worker.settings import Settings
 
 EXIT_OK, EXIT_FAILED, EXIT_USAGE, EXIT_UNREACHABLE = 0, 1, 2, 3
@@ -188,6 +189,53 @@ def discover(server: str | None, as_json: bool) -> None:
             click.echo(f"{name}: {status}")
     if not answer.get("ok") or not all(o["ok"] for o in answer.get("result", {}).values()):
         sys.exit(EXIT_FAILED)
+
+
+@cli.group(invoke_without_command=True)
+@click.option("--json", "as_json", is_flag=True, help="Print JSON for scripts.")
+@click.pass_context
+def breakers(ctx: click.Context, as_json: bool) -> None:
+    """Show every server's circuit breaker (shared by the whole fleet)."""
+    if ctx.invoked_subcommand is not None:
+        return
+    try:
+        status = _queue().breakers()
+    except _redis_errors() as exc:
+        _unreachable(exc)
+    if as_json:
+        _print_json(status)
+        return
+    if not status:
+        _fail("no servers published yet: start a worker with `mcpq worker`", EXIT_FAILED)
+    now = time.time()
+    rows = []
+    for name, s in status.items():
+        due = s["next_probe_at"]
+        rows.append(
+            {
+                "server": name,
+                "state": s["state"],
+                "failures": s["failures"],
+                "opened": f"{now - s['opened_at']:.1f}s ago" if s["opened_at"] else "",
+                "next probe": (f"in {due - now:.1f}s" if due > now else "now") if due else "",
+                "last error": s["last_error"],
+                "in flight": s["in_flight"],
+            }
+        )
+    _table(rows, ["server", "state", "failures", "opened", "next probe", "last error", "in flight"])
+
+
+@breakers.command("reset")
+@click.argument("server")
+def breakers_reset(server: str) -> None:
+    """Close SERVER's breaker for every worker."""
+    try:
+        cleared = _queue().reset_breaker(server)
+    except ServerNotFoundError as exc:
+        _fail(exc.message, EXIT_FAILED)
+    except _redis_errors() as exc:
+        _unreachable(exc)
+    click.echo(f"{server}: breaker {'reset to closed' if cleared else 'was already closed'}")
 
 
 @cli.command()

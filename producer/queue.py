@@ -17,8 +17,9 @@ from celery.exceptions import TimeoutError as CeleryTimeoutError
 from celery.result import AsyncResult
 from kombu.exceptions import OperationalError
 
+from worker.breaker import breaker_status, reset_breaker
 from worker.celery import make_app
-from worker.errors import ErrorCode, MCPConnectionError, MCPTimeoutError
+from worker.errors import ErrorCode, MCPConnectionError, MCPTimeoutError, ServerNotFoundError
 from worker.keys import Keys
 from worker.result import ToolResult
 from worker.settings import Settings, redact_url
@@ -107,8 +108,10 @@ class ToolQueue:
         timeout: float | None = None,
         request_id: str | None = None,
         idempotency_key: str | None = None,
+        queue: str | None = None,
     ) -> CallHandle:
-        """Enqueue one call and return at once. ``tool`` may be ``server/tool``."""
+        """Enqueue one call and return at once. ``tool`` may be ``server/tool``;
+        ``queue`` overrides MCPQ_QUEUE (e.g. to pin calls to a worker group)."""
         task_id = request_id or str(uuid.uuid4())
         kwargs: dict[str, Any] = {"tool": tool, "arguments": arguments or {}}
         if server is not None:
@@ -125,7 +128,7 @@ class ToolQueue:
                 CALL_TOOL,
                 kwargs=kwargs,
                 task_id=task_id,
-                queue=self.settings.queue,
+                queue=queue or self.settings.queue,
                 retry=True,
                 retry_policy=PUBLISH_RETRY,
                 # Flower and logs show the tool, never argument values.
@@ -150,6 +153,7 @@ class ToolQueue:
         timeout: float | None = None,
         request_id: str | None = None,
         idempotency_key: str | None = None,
+        queue: str | None = None,
         wait: float | None = None,
     ) -> ToolResult:
         """Submit and wait. Always returns a ToolResult: failures to enqueue or
@@ -163,6 +167,7 @@ class ToolQueue:
                 timeout=timeout,
                 request_id=request_id,
                 idempotency_key=idempotency_key,
+                queue=queue,
             )
             return handle.result(wait)
         except (MCPConnectionError, MCPTimeoutError) as exc:
@@ -225,6 +230,19 @@ class ToolQueue:
                 offered_by = json.loads(tool_map.get(tool["name"], "[]"))
                 out.append({"server": name, "ambiguous": len(offered_by) > 1, **tool})
         return out
+
+    def breakers(self) -> dict[str, dict[str, Any]]:
+        """Every known server's breaker: state, failures, opened_at, next_probe_at."""
+        names: list[str] = sorted(self.redis.hkeys(self.keys.servers))  # type: ignore[arg-type]
+        return breaker_status(self.redis, self.keys, names)
+
+    def reset_breaker(self, server: str) -> bool:
+        """Close ``server``'s breaker for the whole fleet."""
+        if not self.redis.hexists(self.keys.servers, server):
+            raise ServerNotFoundError(
+                f"no server named {server!r} is known to the fleet", details={"server": server}
+            )
+        return reset_breaker(self.redis, self.keys, server)
 
     def wait_for_worker(self, timeout: float = 30.0) -> list[str]:
         """Block until at least one worker answers a ping; return their names."""

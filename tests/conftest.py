@@ -45,8 +45,8 @@ def make_stack(redis_url: str, tmp_path: Path) -> Iterator[Callable[..., Any]]:
 
     stacks: list[Stack] = []
 
-    def make(servers: dict[str, dict[str, Any]], **top: Any) -> Stack:
-        stack = Stack(redis_url, tmp_path, servers, **top)
+    def make(servers: dict[str, dict[str, Any]], state_url: str | None = None, **top: Any) -> Stack:
+        stack = Stack(redis_url, tmp_path, servers, state_url=state_url, **top)
         stacks.append(stack)
         return stack
 

@@ -60,16 +60,24 @@ class SessionClosedBeforeSend(Exception):
     """The pool found the session's transport closed before the request was written."""
 
 
+def _leaves(exc: BaseException) -> list[BaseException]:
+    if isinstance(exc, BaseExceptionGroup):
+        return [leaf for inner in exc.exceptions for leaf in _leaves(inner)]
+    return [exc]
+
+
 def leaf_exception(exc: BaseException) -> BaseException:
-    """The most telling exception inside (possibly nested) exception groups."""
-    while isinstance(exc, BaseExceptionGroup):
-        leaves = [e for e in exc.exceptions if not isinstance(e, asyncio.CancelledError)] or list(
-            exc.exceptions
-        )
-        # An SDK error names the JSON-RPC failure; prefer it over teardown noise.
-        sdk = [e for e in leaves if isinstance(e, SDKError | BaseExceptionGroup)]
-        exc = (sdk or leaves)[0]
-    return exc
+    """The most telling exception inside (possibly nested) exception groups:
+    an SDK error anywhere in the tree (it names the JSON-RPC failure), else the
+    first that is not a cancellation (teardown noise), else the first."""
+    leaves = _leaves(exc)
+    for leaf in leaves:
+        if isinstance(leaf, SDKError):
+            return leaf
+    for leaf in leaves:
+        if not isinstance(leaf, asyncio.CancelledError):
+            return leaf
+    return leaves[0]
 
 
 def _describe(exc: BaseException) -> str:

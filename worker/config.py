@@ -99,6 +99,21 @@ class _FieldError(ValueError):
         self.field = field
 
 
+_RATE_UNITS = {"s": 1.0, "sec": 1.0, "m": 60.0, "min": 60.0, "h": 3600.0}
+_RATE_RE = re.compile(r"^\s*(\d+)\s*/\s*(\d*\.?\d*)\s*(s|sec|m|min|h)\s*$")
+
+
+def parse_rate_limit(text: str) -> tuple[int, float]:
+    """``"50/s"``, ``"100/m"``, ``"10/2s"`` -> (calls, period seconds)."""
+    match = _RATE_RE.match(text)
+    if not match or int(match.group(1)) < 1:
+        raise ValueError(f"rate_limit must look like '50/s', '100/m' or '10/2s', got {text!r}")
+    multiple = float(match.group(2)) if match.group(2) else 1.0
+    if multiple <= 0:
+        raise ValueError(f"rate_limit period must be positive, got {text!r}")
+    return int(match.group(1)), multiple * _RATE_UNITS[match.group(3)]
+
+
 class ToolOverride(BaseModel):
     """Per-tool settings under a server's ``tools:`` mapping."""
 
@@ -136,6 +151,17 @@ class MCPServerConfig(BaseModel):
     tools: dict[str, ToolOverride] = Field(default_factory=dict)
     discovery_ttl: float = Field(default=300.0, gt=0, allow_inf_nan=False)
     idle_timeout: float = Field(default=600.0, gt=0, allow_inf_nan=False)
+    # Breaker extras (resilience4j's vocabulary): an optional failure-rate
+    # mode over a sliding time window, and slow calls counted as failures.
+    on_open: Literal["fail", "defer"] = "fail"
+    half_open_max_calls: int = Field(default=1, ge=1, le=100)
+    failure_rate_threshold: float | None = Field(default=None, gt=0, le=100, allow_inf_nan=False)
+    minimum_calls: int = Field(default=10, ge=1)
+    window_seconds: float = Field(default=60.0, gt=0, allow_inf_nan=False)
+    slow_call_seconds: float | None = Field(default=None, gt=0, allow_inf_nan=False)
+    # Fleet-wide limits, enforced in Redis.
+    max_concurrency: int | None = Field(default=None, ge=1)
+    rate_limit: str | None = None
 
     @model_validator(mode="before")
     @classmethod
@@ -219,6 +245,17 @@ class MCPServerConfig(BaseModel):
             "protocol must be 'auto', 'legacy' or an MCP protocol version date "
             f"YYYY-MM-DD (e.g. '2025-06-18'), got {value!r}"
         )
+
+    @field_validator("rate_limit")
+    @classmethod
+    def _check_rate_limit(cls, value: str | None) -> str | None:
+        if value is not None:
+            parse_rate_limit(value)
+        return value
+
+    def rate(self) -> tuple[int, float] | None:
+        """``rate_limit`` as (calls, period in seconds), or None."""
+        return parse_rate_limit(self.rate_limit) if self.rate_limit else None
 
     @model_validator(mode="after")
     def _check_transport_fields(self) -> Self:

@@ -66,6 +66,8 @@ class Discovery:
             tools = await self.pool.with_session(server, deadline, _list_all_tools, idempotent=True)
         except OutcomeError as exc:
             log.warning("discovery of %r failed: %s", server, exc.outcome.error.message)
+            exc.outcome.error.details.setdefault("retry_safe", exc.outcome.retryable)
+            exc.outcome.error.details.setdefault("phase", "discovery")
             return exc.outcome.error
         except MCPError as exc:
             log.warning("discovery of %r failed: %s", server, exc.message)

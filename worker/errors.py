@@ -25,6 +25,7 @@ class ErrorCode(StrEnum):
     OUTCOME_UNKNOWN = "outcome_unknown"
     INTERNAL_ERROR = "internal_error"
     CONFIG_ERROR = "config_error"
+    LIMIT_EXCEEDED = "limit_exceeded"
 
 
 #: One line per code, for docs, ``mcpq --help`` and the HTTP API.
@@ -43,6 +44,7 @@ ERROR_DESCRIPTIONS: dict[ErrorCode, str] = {
     ErrorCode.OUTCOME_UNKNOWN: "The call may or may not have run; it was not repeated.",
     ErrorCode.INTERNAL_ERROR: "mcpq itself failed; the message says where.",
     ErrorCode.CONFIG_ERROR: "The configuration file or environment is invalid.",
+    ErrorCode.LIMIT_EXCEEDED: "The server's max_concurrency or rate_limit held the call until its deadline.",
 }
 
 
@@ -116,6 +118,10 @@ class ConfigError(MCPError):
     code = ErrorCode.CONFIG_ERROR
 
 
+class LimitExceededError(MCPError):
+    code = ErrorCode.LIMIT_EXCEEDED
+
+
 _BY_CODE: dict[str, type[MCPError]] = {
     cls.code.value: cls
     for cls in (
@@ -133,6 +139,7 @@ _BY_CODE: dict[str, type[MCPError]] = {
         OutcomeUnknownError,
         InternalError,
         ConfigError,
+        LimitExceededError,
     )
 }
 

@@ -40,5 +40,13 @@ class Keys:
     def breaker(self, server: str) -> str:
         return f"{self.prefix}breaker:{server}"
 
+    def inflight(self, server: str) -> str:
+        """Sorted set: tokens of calls in flight fleet-wide, scored by lease expiry (ms)."""
+        return f"{self.prefix}inflight:{server}"
+
+    def rate(self, server: str) -> str:
+        """String: the GCRA theoretical arrival time (ms) of the server's rate limit."""
+        return f"{self.prefix}rate:{server}"
+
     def reconnect_epoch(self, server: str) -> str:
         return f"{self.prefix}server:{server}:epoch"

@@ -17,7 +17,10 @@ from typing import Any
 import redis
 from mcp import Client
 from mcp_types.version import MODERN_PROTOCOL_VERSIONS
+from redis.backoff import NoBackoff
+from redis.retry import Retry
 
+from worker.breaker import ServerGuard, breaker_status, reset_breaker
 from worker.config import MCPQConfig, load_config
 from worker.discovery import Discovery
 from worker.errors import MCPError
@@ -32,9 +35,16 @@ log = logging.getLogger(__name__)
 
 
 def state_redis(url: str) -> redis.Redis:
-    # Short timeouts: shared state is an optimisation for routing and a
-    # necessity for breakers, but a stalled Redis must never stall a call.
-    return redis.Redis.from_url(url, socket_timeout=2.0, socket_connect_timeout=2.0, health_check_interval=30)
+    # Short timeouts and one quick retry (redis-py's default backs off for
+    # seconds): shared state matters, but a dead Redis must never stall a
+    # call; the breaker falls back to per-process state instead.
+    return redis.Redis.from_url(
+        url,
+        socket_timeout=1.0,
+        socket_connect_timeout=0.5,
+        retry=Retry(NoBackoff(), 1),
+        health_check_interval=30,
+    )
 
 
 class MCPClientManager:
@@ -60,7 +70,8 @@ class MCPClientManager:
             protocol_memory=remembered,
         )
         self.discovery = Discovery(self.registry, self.pool)
-        self.router = ToolRouter(config, self.registry, self.pool, self.discovery)
+        self.guard = ServerGuard(self.redis, self.keys)
+        self.router = ToolRouter(config, self.registry, self.pool, self.discovery, self.guard)
         self.registry.publish_servers()
 
     # -- hooks from the loop ---------------------------------------------------
@@ -168,6 +179,13 @@ class MCPClientManager:
         except MCPError as exc:
             return {"healthy": False, "error": exc.message, "error_code": exc.code.value}
         return {"healthy": True, "latency_ms": round((time.monotonic() - started) * 1000, 3), **answer}
+
+    def breakers(self) -> dict[str, dict[str, Any]]:
+        return breaker_status(self.redis, self.keys, list(self.config.mcp_servers))
+
+    def reset_breaker(self, server: str) -> bool:
+        self.registry.get(server)
+        return reset_breaker(self.redis, self.keys, server)
 
     def reconnect(self, server: str) -> dict[str, Any]:
         self.registry.get(server)

@@ -7,6 +7,7 @@ from urllib.parse import urlsplit
 from worker.config import MCPServerConfig
 
 MASK = "***"
+_SCHEMES = {"bearer", "basic", "token", "digest", "apikey"}
 _MIN_SECRET_LEN = 4  # shorter values would mask ordinary words
 
 
@@ -16,8 +17,9 @@ def secret_values(config: MCPServerConfig) -> list[str]:
         password = urlsplit(config.url).password
         if password:
             values.append(password)
-    # A header like "Bearer abc123" leaks through its token alone too.
-    values += [part for v in list(values) for part in v.split() if part != v]
+    # A header like "Bearer abc123" leaks through its token alone too; the
+    # scheme word itself is not secret, and masking it would garble messages.
+    values += [part for v in list(values) for part in v.split() if part != v and part.lower() not in _SCHEMES]
     return sorted({v for v in values if len(v) >= _MIN_SECRET_LEN}, key=len, reverse=True)
 
 

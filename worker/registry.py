@@ -164,7 +164,10 @@ class MCPServerRegistry:
         version = self._redis_call("publishing discovered tools", write)
         if version is not None:
             with self._lock:
-                self._seen_version = int(version)
+                # Only our own bump may be skipped; if another process published
+                # in between, the next check must still load its tools.
+                if self._seen_version is not None and int(version) == self._seen_version + 1:
+                    self._seen_version = int(version)
 
     def publish_info(self, server: str, info: dict[str, Any]) -> None:
         with self._lock:

@@ -11,17 +11,24 @@ import difflib
 import json
 import logging
 import time
+import uuid
 from dataclasses import dataclass
 from typing import Any
 
 from mcp import Client
 
+from worker.breaker import Admission, BreakerPolicy, ServerGuard
+from worker.classify import Outcome, classify
 from worker.config import MCPQConfig, MCPServerConfig
 from worker.discovery import Discovery
 from worker.errors import (
     AmbiguousToolError,
+    CircuitOpenError,
     InternalError,
+    LimitExceededError,
+    MCPConnectionError,
     MCPError,
+    MCPTimeoutError,
     ResultTooLargeError,
     ToolExecutionError,
     ToolNotFoundError,
@@ -42,6 +49,10 @@ class Target:
     definition: dict[str, Any]
 
 
+# Counts as neither success nor failure (isError results, cancellations we caused).
+_IGNORED = Outcome(InternalError("ignored"), False, False, False, False)
+
+
 def split_qualified(tool: str, server: str | None) -> tuple[str, str | None]:
     """``server/tool`` -> (tool, server). MCP tool names cannot contain '/'."""
     if server is None and "/" in tool:
@@ -53,12 +64,19 @@ def split_qualified(tool: str, server: str | None) -> tuple[str, str | None]:
 
 class ToolRouter:
     def __init__(
-        self, config: MCPQConfig, registry: MCPServerRegistry, pool: ConnectionPool, discovery: Discovery
+        self,
+        config: MCPQConfig,
+        registry: MCPServerRegistry,
+        pool: ConnectionPool,
+        discovery: Discovery,
+        guard: ServerGuard,
     ) -> None:
         self.config = config
         self.registry = registry
         self.pool = pool
         self.discovery = discovery
+        self.guard = guard
+        self.policies = {name: BreakerPolicy.from_config(c) for name, c in config.mcp_servers.items()}
 
     # -- resolve -----------------------------------------------------------------
     def resolve(self, tool: str, server: str | None, deadline: float) -> Target:
@@ -69,7 +87,8 @@ class ToolRouter:
         failures: dict[str, MCPError] = {}
         if not candidates:
             # Unknown here may just mean not discovered yet, or changed since.
-            failures = self.discovery.ensure(self.registry.undiscovered(), deadline)
+            for name in self.registry.undiscovered():
+                failures |= self._guarded_discovery(self.registry.get(name), deadline)
             candidates = self.registry.servers_offering(tool, refresh=True)
         if not candidates:
             known = self.registry.known_tool_names()
@@ -95,7 +114,7 @@ class ToolRouter:
         config = self.registry.get_enabled(server)
         toolset = self.registry.toolset(server)
         if toolset is None or tool not in toolset.tools or self.registry.is_stale(server):
-            failures = self.discovery.ensure([server], deadline, force=toolset is not None)
+            failures = self._guarded_discovery(config, deadline, force=toolset is not None)
             toolset = self.registry.toolset(server)
             if toolset is None and server in failures:
                 # Nothing known about the server and it cannot be reached: that
@@ -111,6 +130,65 @@ class ToolRouter:
             )
         return Target(config, tool, toolset.tools[tool])
 
+    def _guarded_discovery(
+        self, config: MCPServerConfig, deadline: float, force: bool = False
+    ) -> dict[str, MCPError]:
+        """Discovery on the call path talks to the server, so the breaker
+        guards it like a call: an open circuit is not hammered by tools/list."""
+        if not (force or self.registry.is_stale(config.name)):
+            return {}
+        admission = self._admit(config, deadline)
+        started = time.monotonic()
+        failures = self.discovery.ensure([config.name], deadline, force=force)
+        failure = failures.get(config.name)
+        outcome = classify(failure, config.name, "connect") if failure is not None else None
+        self._complete(config, admission, outcome, started)
+        return failures
+
+    def _admit(self, config: MCPServerConfig, deadline: float) -> Admission:
+        lease_ttl = max(deadline - time.monotonic(), 0.0) + config.connect_timeout + 5.0
+        admission = self.guard.admit(config.name, self.policies[config.name], uuid.uuid4().hex, lease_ttl)
+        if admission.admitted:
+            return admission
+        wait = round(admission.retry_after, 3)
+        if admission.decision == "reject":
+            state = "open" if admission.state == "open" else "half-open with its probe in flight"
+            raise CircuitOpenError(
+                f"circuit breaker for server {config.name!r} is {state}; the call was not sent"
+                + (f" (next probe in {wait:g}s)" if wait > 0 else ""),
+                details={"server": config.name, "retry_after": wait, "defer": config.on_open == "defer"},
+            )
+        raise LimitExceededError(
+            f"server {config.name!r} is at its {admission.reason} limit "
+            f"({self._limit_text(config, admission.reason)}); the call was not sent",
+            details={"server": config.name, "retry_after": wait, "limit": admission.reason},
+        )
+
+    @staticmethod
+    def _limit_text(config: MCPServerConfig, reason: str) -> str:
+        if reason == "concurrency":
+            return f"max_concurrency {config.max_concurrency}"
+        return f"rate_limit {config.rate_limit}"
+
+    def _complete(
+        self, config: MCPServerConfig, admission: Admission, outcome: Outcome | None, started: float
+    ) -> None:
+        verdict = "success" if outcome is None else ("failure" if outcome.breaker_failure else "ignore")
+        state = self.guard.complete(
+            config.name,
+            self.policies[config.name],
+            admission,
+            verdict,  # type: ignore[arg-type]
+            time.monotonic() - started,
+            outcome.error.code.value if outcome else "",
+        )
+        if state == "open" and verdict == "failure":
+            log.warning(
+                "circuit breaker for %r is open after %s",
+                config.name,
+                outcome.error.message if outcome else "",
+            )
+
     # -- call ----------------------------------------------------------------------
     def call(
         self,
@@ -124,23 +202,47 @@ class ToolRouter:
         started = time.monotonic()
         target: Target | None = None
         try:
-            budget = timeout if timeout is not None else self._default_timeout(tool, server)
+            budget = timeout if timeout is not None else self.default_timeout(tool, server)
             deadline = started + budget
             target = self.resolve(tool, server, deadline)
             args = {} if arguments is None else arguments
             validate_arguments(target.tool, target.definition.get("inputSchema"), args)
-            data = self._execute(target, args, deadline, budget)
+            admission = self._admit(target.server, deadline)
+            sent_at = time.monotonic()
+            try:
+                data = self._execute(target, args, deadline, budget)
+            except OutcomeError as exc:
+                self._complete(target.server, admission, exc.outcome, sent_at)
+                raise
+            except MCPError as exc:  # the pool could not connect: nothing was sent
+                self._complete(
+                    target.server, admission, classify(exc, target.server.name, "connect"), sent_at
+                )
+                raise
+            except BaseException:
+                self._complete(target.server, admission, _IGNORED, sent_at)
+                raise
+            self._complete(target.server, admission, None if not data.get("isError") else _IGNORED, sent_at)
             return self._result(tool, target, data, started, request_id)
         except MCPError as exc:
+            if exc.details.get("phase") == "connect":
+                # Nothing reached the server, so trying again later is always safe.
+                exc.details.setdefault("retry_safe", isinstance(exc, MCPConnectionError | MCPTimeoutError))
             return self._failure(tool, target, exc, started, request_id)
         except OutcomeError as exc:
-            return self._failure(tool, target, exc.outcome.error, started, request_id)
+            outcome = exc.outcome
+            idempotent = target is not None and self._idempotent(target)
+            outcome.error.details["retry_safe"] = outcome.retryable and (
+                not outcome.maybe_executed or idempotent
+            )
+            outcome.error.details["may_have_run"] = outcome.maybe_executed
+            return self._failure(tool, target, outcome.error, started, request_id)
         except Exception as exc:  # the task must always end with a ToolResult
             log.exception("internal error routing %r", tool)
             err = InternalError(f"mcpq failed while calling {tool!r}: {type(exc).__name__}: {exc}")
             return self._failure(tool, target, err, started, request_id)
 
-    def _default_timeout(self, tool: str, server: str | None) -> float:
+    def default_timeout(self, tool: str, server: str | None) -> float:
         name, server = split_qualified(tool, server)
         config = self.config.mcp_servers.get(server) if server else None
         if config is None:

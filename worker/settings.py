@@ -72,6 +72,9 @@ def redact_url(url: str) -> str:
     scheme, sep, rest = url.partition("://")
     if not sep or "@" not in rest.split("/", 1)[0]:
         return url
-    userinfo, _, hostpart = rest.partition("@")
+    authority, slash, path = rest.partition("/")
+    # The last '@' ends the userinfo: a password may itself contain '@'.
+    userinfo, _, host = authority.rpartition("@")
+    hostpart = host + slash + path
     user = userinfo.split(":", 1)[0]
     return f"{scheme}://{user}:***@{hostpart}"

@@ -8,12 +8,14 @@ returns a ToolResult dict, never raises.
 from __future__ import annotations
 
 import logging
+import random
+import time
 from typing import Any
 
 from celery import Task
 
 from worker.celery import app
-from worker.errors import InternalError, InvalidArgumentsError, MCPError
+from worker.errors import ErrorCode, InternalError, InvalidArgumentsError, MCPError
 from worker.manager import get_manager
 from worker.result import ToolResult
 from worker.task_names import CALL_TOOL, DISCOVER, HEALTH, RECONNECT
@@ -37,7 +39,19 @@ def _check_call_shape(tool: Any, arguments: Any, server: Any, timeout: Any) -> M
     return None
 
 
-@app.task(name=CALL_TOOL, bind=True)
+def backoff(attempt: int, base: float, cap: float) -> float:
+    """Exponential backoff with jitter for the retry after ``attempt``."""
+    return float(min(cap, base * 2.0 ** (attempt - 1))) * random.uniform(0.5, 1.0)
+
+
+def _wait_countdown(result: ToolResult, waits: int) -> float:
+    """How long to stay off a worker slot before asking again (limits, open breakers)."""
+    hinted = float(result.details.get("retry_after") or 0.0)
+    fallback = min(1.0, 0.05 * 2 ** min(waits, 5)) * random.uniform(0.5, 1.5)
+    return float(max(hinted, 0.0) or fallback)
+
+
+@app.task(name=CALL_TOOL, bind=True, max_retries=None)
 def call_tool(
     self: Task,
     tool: Any,
@@ -46,12 +60,23 @@ def call_tool(
     timeout: Any = None,
     request_id: Any = None,
     idempotency_key: Any = None,
+    attempt: Any = 1,
+    deadline_at: Any = None,
+    waits: Any = 0,
     **unknown: Any,
 ) -> dict[str, Any]:
+    """Run one tool call; retries and waits re-enqueue this task, never sleep.
+
+    ``attempt``, ``deadline_at`` and ``waits`` are set by the task itself when
+    it re-enqueues: attempts made so far, the wall-clock limit for waiting on
+    limits or an open breaker, and how many such waits happened.
+    """
     request_id = str(request_id) if request_id else self.request.id
     problem = _check_call_shape(tool, arguments, server, timeout)
     if problem is None and unknown:
         problem = InternalError(f"malformed task: unknown fields {sorted(unknown)}")
+    if problem is None and not (isinstance(attempt, int) and isinstance(waits, int)):
+        problem = InternalError("malformed task: 'attempt' and 'waits' must be integers")
     if problem is not None:
         return ToolResult.failure(str(tool), problem, request_id=request_id).to_dict()
     try:
@@ -59,7 +84,37 @@ def call_tool(
     except MCPError as exc:
         log.error("mcpq cannot start its manager: %s", exc.message)
         return ToolResult.failure(tool, exc, request_id=request_id).to_dict()
+
+    if not isinstance(deadline_at, int | float):
+        deadline_at = time.time() + (timeout or manager.router.default_timeout(tool, server))
     result = manager.call_tool(tool, arguments, server=server, timeout=timeout, request_id=request_id)
+    result.attempts = attempt
+    again = dict(
+        tool=tool, arguments=arguments, server=server, timeout=timeout, request_id=request_id,
+        idempotency_key=idempotency_key, attempt=attempt, deadline_at=deadline_at, waits=waits,
+    )  # fmt: skip
+
+    if result.error_code in (ErrorCode.LIMIT_EXCEEDED, ErrorCode.CIRCUIT_OPEN):
+        wants_wait = result.error_code == ErrorCode.LIMIT_EXCEEDED or result.details.get("defer")
+        countdown = _wait_countdown(result, waits)
+        if wants_wait and time.time() + countdown < deadline_at:
+            raise self.retry(kwargs={**again, "waits": waits + 1}, countdown=countdown)
+        if wants_wait:
+            result.error = f"{result.error}; gave up waiting at the call's deadline"
+        return result.to_dict()
+
+    if not result.success and result.details.get("retry_safe") and result.server_name:
+        policy = manager.config.mcp_servers[result.server_name]
+        if attempt <= policy.retry_attempts:
+            countdown = backoff(attempt, policy.retry_delay, policy.retry_max_delay)
+            total = policy.retry_attempts + 1
+            log.info(
+                "call %s to %r failed (%s); attempt %d of %d in %.2fs",
+                request_id, result.server_name, result.error_code, attempt + 1, total, countdown,
+            )  # fmt: skip
+            raise self.retry(
+                kwargs={**again, "attempt": attempt + 1, "deadline_at": None}, countdown=countdown
+            )
     return result.to_dict()
 
 

@@ -238,7 +238,15 @@ def test_server_that_never_answers_times_out_within_deadline(make_stack: Callabl
     hang = start_hang_server()
     try:
         stack = make_stack(
-            {"stuck": {"transport": "http", "url": hang.url, "timeout": 2, "connect_timeout": 1.5}}
+            {
+                "stuck": {
+                    "transport": "http",
+                    "url": hang.url,
+                    "timeout": 2,
+                    "connect_timeout": 1.5,
+                    "retry_attempts": 0,  # one attempt: its own deadline is what is tested
+                }
+            }
         )
         stack.start_worker()
         started = time.monotonic()
@@ -254,7 +262,8 @@ def test_server_that_never_answers_times_out_within_deadline(make_stack: Callabl
 def test_unreachable_server_is_connection_error(make_stack: Callable[..., Any]) -> None:
     from tests.support.procs import free_port
 
-    stack = make_stack({"down": {"transport": "http", "url": f"http://127.0.0.1:{free_port()}/mcp"}})
+    url = f"http://127.0.0.1:{free_port()}/mcp"
+    stack = make_stack({"down": {"transport": "http", "url": url, "retry_attempts": 0}})
     stack.start_worker()
     result = stack.queue.call("down/add", {"a": 1, "b": 1}, timeout=10)
     assert result.error_code == "connection_error", result

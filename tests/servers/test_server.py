@@ -27,7 +27,9 @@ from typing import Annotated, Literal
 
 from mcp.server.mcpserver import MCPServer
 from mcp.server.mcpserver.exceptions import ToolError
+from mcp.shared.exceptions import MCPError
 from mcp.types import ToolAnnotations
+from mcp_types import INTERNAL_ERROR
 from pydantic import Field
 
 COUNT_DIR_ENV = "MCPQ_TEST_COUNT_DIR"
@@ -127,6 +129,24 @@ async def concurrency(key: _KEY, ms: Annotated[int, Field(ge=0, le=3_600_000)]) 
     return current
 
 
+def flaky(key: _KEY, failures: Annotated[int, Field(ge=0, le=100)]) -> int:
+    """Fail with a JSON-RPC internal error (-32603) the first ``failures`` times for key, then succeed.
+
+    Returns the attempt number that succeeded. Attempts are counted in $MCPQ_TEST_COUNT_DIR/<key>.
+    """
+    attempt = count(key)
+    if attempt <= failures:
+        raise MCPError(INTERNAL_ERROR, f"flaky failure {attempt} of {failures}")
+    return attempt
+
+
+async def slow_count(key: _KEY, ms: Annotated[int, Field(ge=0, le=3_600_000)]) -> int:
+    """Count one execution for key (like ``count``), then hold the call for ms milliseconds."""
+    n = count(key)
+    await asyncio.sleep(ms / 1000)
+    return n
+
+
 def pid() -> int:
     """Return the server process id."""
     return os.getpid()
@@ -169,6 +189,8 @@ def build_server(name: str = DEFAULT_NAME, only_echo: bool = False) -> MCPServer
     server.add_tool(count)
     server.add_tool(concurrency)
     server.add_tool(pid)
+    server.add_tool(flaky)
+    server.add_tool(slow_count)
     server.add_tool(big)
     server.add_tool(env_value)
     server.add_tool(mul, name="math.mul")

@@ -27,7 +27,12 @@ class Stack:
     """One isolated mcpq deployment: its own queue, key prefix and config."""
 
     def __init__(
-        self, redis_url: str, workdir: Path, servers: Mapping[str, Mapping[str, Any]], **top: Any
+        self,
+        redis_url: str,
+        workdir: Path,
+        servers: Mapping[str, Mapping[str, Any]],
+        state_url: str | None = None,
+        **top: Any,
     ) -> None:
         self.redis_url = redis_url
         self.workdir = workdir
@@ -40,7 +45,7 @@ class Stack:
             **os.environ,
             "MCPQ_BROKER_URL": f"{redis_url}/0",
             "MCPQ_RESULT_BACKEND": f"{redis_url}/1",
-            "MCPQ_REDIS_URL": f"{redis_url}/2",
+            "MCPQ_REDIS_URL": f"{state_url or redis_url}/2",
             "MCPQ_CONFIG": str(self.config_path),
             "MCPQ_QUEUE": f"mcpq-test-{self.tag}",
             "MCPQ_KEY_PREFIX": f"mcpq-test-{self.tag}:",
@@ -54,8 +59,12 @@ class Stack:
     def state(self) -> redis.Redis:
         return redis.Redis.from_url(self.settings.redis_url, decode_responses=True)
 
-    def start_worker(self, *, concurrency: int = 8, pool: str = "threads", **env: str) -> WorkerProcess:
-        worker = WorkerProcess(self, concurrency=concurrency, pool=pool, extra_env=env)
+    def start_worker(
+        self, *, concurrency: int = 8, pool: str = "threads", queue: str | None = None, **env: str
+    ) -> WorkerProcess:
+        """Start a worker; with ``queue`` it also consumes that queue, so calls
+        sent there (``ToolQueue.call(..., queue=...)``) run on this worker."""
+        worker = WorkerProcess(self, concurrency=concurrency, pool=pool, extra_env=env, queue=queue)
         self.workers.append(worker)
         worker.start()
         return worker
@@ -69,12 +78,15 @@ class Stack:
 class WorkerProcess:
     """``python -m celery -A worker worker`` as a child process with its own name."""
 
-    def __init__(self, stack: Stack, *, concurrency: int, pool: str, extra_env: Mapping[str, str]) -> None:
+    def __init__(
+        self, stack: Stack, *, concurrency: int, pool: str, extra_env: Mapping[str, str], queue: str | None
+    ) -> None:
         self.stack = stack
         self.name = f"w{uuid.uuid4().hex[:6]}@{stack.tag}"
         self.concurrency = concurrency
         self.pool = pool
         self.env = {**stack.env, **extra_env}
+        self.queues = stack.settings.queue + (f",{queue}" if queue else "")
         fd, log = tempfile.mkstemp(prefix="mcpq-worker-", suffix=".log")
         os.close(fd)
         self.log_path = Path(log)
@@ -91,7 +103,7 @@ class WorkerProcess:
     def start(self) -> None:
         argv = [
             sys.executable, "-m", "celery", "-A", "worker", "worker", "-P", self.pool,
-            "-c", str(self.concurrency), "-Q", self.stack.settings.queue, "-n", self.name,
+            "-c", str(self.concurrency), "-Q", self.queues, "-n", self.name,
             "--loglevel", "info", "--without-gossip", "--without-mingle",
         ]  # fmt: skip
         with self.log_path.open("ab") as log:

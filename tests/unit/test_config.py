@@ -9,7 +9,14 @@ from typing import Any
 
 import pytest
 
-from worker.config import MCPQConfig, MCPServerConfig, ToolOverride, load_config, parse_config
+from worker.config import (
+    MCPQConfig,
+    MCPServerConfig,
+    ToolOverride,
+    load_config,
+    parse_config,
+    parse_rate_limit,
+)
 from worker.errors import ConfigError, ErrorCode
 
 
@@ -52,6 +59,14 @@ EXPECTED_DEFAULTS: dict[str, Any] = {
     "tools": {},
     "discovery_ttl": 300.0,
     "idle_timeout": 600.0,
+    "on_open": "fail",
+    "half_open_max_calls": 1,
+    "failure_rate_threshold": None,
+    "minimum_calls": 10,
+    "window_seconds": 60.0,
+    "slow_call_seconds": None,
+    "max_concurrency": None,
+    "rate_limit": None,
 }
 
 
@@ -96,6 +111,14 @@ def test_every_field_can_be_set() -> None:
               search: {idempotent: false, timeout: 3}
             discovery_ttl: 15
             idle_timeout: 45
+            on_open: defer
+            half_open_max_calls: 2
+            failure_rate_threshold: 50
+            minimum_calls: 4
+            window_seconds: 30
+            slow_call_seconds: 5
+            max_concurrency: 3
+            rate_limit: 10/2s
         """
     )
     assert server.transport == "sse"
@@ -111,6 +134,32 @@ def test_every_field_can_be_set() -> None:
     assert server.idempotent is True
     assert server.tools == {"search": ToolOverride(idempotent=False, timeout=3.0)}
     assert (server.discovery_ttl, server.idle_timeout) == (15.0, 45.0)
+    assert (server.on_open, server.half_open_max_calls) == ("defer", 2)
+    assert (server.failure_rate_threshold, server.minimum_calls, server.window_seconds) == (50.0, 4, 30.0)
+    assert (server.slow_call_seconds, server.max_concurrency) == (5.0, 3)
+    assert server.rate() == (10, 2.0)
+
+
+@pytest.mark.parametrize(
+    ("text", "expected"),
+    [
+        ("50/s", (50, 1.0)),
+        ("100/m", (100, 60.0)),
+        ("10/2s", (10, 2.0)),
+        ("5 / 1.5 min", (5, 90.0)),
+        ("3/h", (3, 3600.0)),
+    ],
+)
+def test_rate_limit_forms(text: str, expected: tuple[int, float]) -> None:
+    assert parse_rate_limit(text) == expected
+
+
+@pytest.mark.parametrize("text", ["fast", "0/s", "10/0s", "10/d", "/s"])
+def test_bad_rate_limit_is_a_clear_error(text: str) -> None:
+    with pytest.raises(
+        ConfigError, match=r"field 'rate_limit': rate_limit must look like '50/s'|period must be"
+    ):
+        parse_config(f"mcp_servers:\n  a: {{command: x, rate_limit: '{text}'}}\n")
 
 
 def test_stdio_fields_can_be_set() -> None:

@@ -1,0 +1,674 @@
+"""Sequential latency of one echo call three ways, in one run, on one machine and broker.
+
+    python -m bench.latency [--calls N] [--warmup N] [--rounds R] [--redis-url URL] [--json FILE]
+
+1. direct:  ``mcp.Client`` on the stdio demo server, kept open, ``call_tool("echo")``
+            awaited N times in a row (the pooled SDK call, no queue).
+2. floor:   a no-op Celery task (``bench.noop``), ``apply_async().get()`` N times
+            in a row, through the same broker, backend and worker as mcpq.
+3. mcpq:    ``ToolQueue.call("echo", server="bench-stdio")`` N times in a row.
+
+The three paths run interleaved in ``--rounds`` blocks (each path N/R calls per
+round, order rotating) so slow drift on a shared machine hits them alike, after
+``--warmup`` calls each. The verdict is ``mcpq / (floor + direct)`` on medians.
+
+Afterwards (unless ``--no-split``) the worker times the layers of an mcpq call
+in-process (``bench.split``), and CPU per call is reported per process.
+
+A private redis-server (``EmbeddedRedis``) carries broker (db 0), results (db 1)
+and state (db 2) unless ``--redis-url`` names one; every process started here
+is stopped on exit, error or Ctrl-C.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import concurrent.futures
+import contextlib
+import hashlib
+import json
+import os
+import platform
+import re
+import signal
+import socket
+import subprocess
+import sys
+import tempfile
+import threading
+import time
+import uuid
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass, field
+from pathlib import Path
+from types import FrameType
+from typing import TYPE_CHECKING, Any
+
+import psutil
+
+from bench.stats import summarize
+
+if TYPE_CHECKING:
+    from producer.embedded_redis import EmbeddedRedis
+
+# Nothing from producer/ or worker/ is imported at module level: importing
+# ``producer`` (any submodule) imports ``worker.celery``, which builds its app
+# from the MCPQ_* environment at import time, and the worker's app
+# (``bench.app`` -> ``worker.celery.app``) must see this run's Redis. ``run``
+# sets the environment first and imports afterwards.
+
+REPO_ROOT = Path(__file__).resolve().parents[1]
+SERVER = "bench-stdio"
+ECHO_ARGS = {"text": "x"}
+DEMO_SERVER_ARGS = ["-m", "worker.demo_server", "stdio"]
+PATHS = ("direct", "floor", "mcpq")
+WORKER_CONCURRENCY = 8
+CALL_TIMEOUT = 30.0
+TARGET_RATIO = 1.25
+
+
+# -- processes --------------------------------------------------------------------
+
+
+class WorkerProcess:
+    """One Celery worker on ``bench.app``: threads pool, its own session and log file."""
+
+    def __init__(self, env: dict[str, str], queue: str, concurrency: int) -> None:
+        self.argv = [
+            sys.executable, "-m", "celery", "-A", "bench.app", "worker",
+            "-P", "threads", "-c", str(concurrency), "-Q", queue,
+            "--without-gossip", "--without-mingle", "--loglevel", "warning",
+        ]  # fmt: skip
+        self.env = env
+        fd, name = tempfile.mkstemp(prefix="mcpq-bench-worker-", suffix=".log")
+        os.close(fd)
+        self.log_path = Path(name)
+        self.proc: subprocess.Popen[bytes] | None = None
+
+    def start(self) -> WorkerProcess:
+        with self.log_path.open("ab") as log:
+            self.proc = subprocess.Popen(
+                self.argv,
+                env=self.env,
+                cwd=REPO_ROOT,
+                stdout=log,
+                stderr=subprocess.STDOUT,
+                stdin=subprocess.DEVNULL,
+                start_new_session=True,  # Ctrl-C reaches us only; we stop it ourselves
+            )
+        return self
+
+    @property
+    def pid(self) -> int:
+        assert self.proc is not None
+        return self.proc.pid
+
+    def alive(self) -> bool:
+        return self.proc is not None and self.proc.poll() is None
+
+    def log_tail(self, n: int = 4000) -> str:
+        try:
+            return self.log_path.read_bytes()[-n:].decode(errors="replace")
+        except OSError:
+            return ""
+
+    def stop(self, grace: float = 20.0) -> None:
+        """Warm shutdown (SIGTERM; it closes its stdio server), then SIGKILL the group."""
+        proc, self.proc = self.proc, None
+        if proc is None:
+            return
+        if proc.poll() is None:
+            proc.send_signal(signal.SIGTERM)
+            try:
+                proc.wait(grace)
+            except subprocess.TimeoutExpired:
+                print(f"worker {proc.pid} ignored SIGTERM for {grace:g}s; killing it", file=sys.stderr)
+        # Anything left in its session (the stdio server it started) goes too.
+        with contextlib.suppress(ProcessLookupError, PermissionError):
+            os.killpg(proc.pid, signal.SIGKILL)
+        with contextlib.suppress(subprocess.TimeoutExpired):
+            proc.wait(5)
+        with contextlib.suppress(OSError):
+            self.log_path.unlink()
+
+
+class DirectClient:
+    """An ``mcp.Client`` on the stdio demo server, kept open on a private event loop.
+
+    One owner task enters the Client and stays parked until ``close`` (anyio
+    wants the entering task to exit it); benchmark blocks run as other tasks
+    on the same loop and time each ``call_tool`` inside the loop.
+    """
+
+    def __init__(self) -> None:
+        self.loop = asyncio.new_event_loop()
+        self.thread = threading.Thread(target=self.loop.run_forever, name="bench-direct", daemon=True)
+        self.client: Any = None
+        self.protocol_version: str | None = None
+        self._closing: asyncio.Event | None = None
+        self._owner: concurrent.futures.Future[None] | None = None
+        self.server_pids: list[int] = []
+
+    def start(self, timeout: float = 60.0) -> DirectClient:
+        self.thread.start()
+        ready: concurrent.futures.Future[None] = concurrent.futures.Future()
+        self._owner = asyncio.run_coroutine_threadsafe(self._own(ready), self.loop)
+        try:
+            ready.result(timeout)
+        except concurrent.futures.TimeoutError:
+            raise RuntimeError(f"direct stdio client did not connect within {timeout:g}s") from None
+        # The SDK starts the server as our direct child; the worker's server is the worker's.
+        self.server_pids = [
+            p.pid for p in psutil.Process().children() if "worker.demo_server" in " ".join(_cmdline(p))
+        ]
+        return self
+
+    async def _own(self, ready: concurrent.futures.Future[None]) -> None:
+        from mcp import Client
+        from mcp.client.stdio import StdioServerParameters
+
+        self._closing = asyncio.Event()
+        params = StdioServerParameters(command=sys.executable, args=DEMO_SERVER_ARGS, cwd=str(REPO_ROOT))
+        try:
+            async with Client(params) as client:
+                self.client = client
+                self.protocol_version = client.protocol_version
+                ready.set_result(None)
+                await self._closing.wait()
+        except BaseException as exc:
+            if not ready.done():
+                ready.set_exception(exc if isinstance(exc, Exception) else RuntimeError(repr(exc)))
+            raise
+        finally:
+            self.client = None
+
+    async def _series(self, n: int) -> list[float]:
+        client = self.client
+        assert client is not None
+        out: list[float] = []
+        for _ in range(n):
+            t0 = time.perf_counter()
+            result = await client.call_tool("echo", dict(ECHO_ARGS))
+            out.append((time.perf_counter() - t0) * 1000)
+            if result.is_error:
+                raise RuntimeError(f"direct echo failed: {result}")
+        return out
+
+    def series(self, n: int) -> list[float]:
+        fut = asyncio.run_coroutine_threadsafe(self._series(n), self.loop)
+        return fut.result(CALL_TIMEOUT * max(n, 1))
+
+    def close(self) -> None:
+        if self.thread.is_alive():
+            closing = self._closing
+            if closing is not None:
+                self.loop.call_soon_threadsafe(closing.set)
+            if self._owner is not None:
+                with contextlib.suppress(Exception):
+                    self._owner.result(15)
+            self.loop.call_soon_threadsafe(self.loop.stop)
+            self.thread.join(10)
+        for pid in self.server_pids:  # only if the SDK's own close did not end it
+            with contextlib.suppress(psutil.Error):
+                proc = psutil.Process(pid)
+                proc.terminate()
+                proc.wait(5)
+
+
+def _cmdline(proc: psutil.Process) -> list[str]:
+    try:
+        return proc.cmdline()
+    except psutil.Error:
+        return []
+
+
+# -- CPU accounting ---------------------------------------------------------------
+
+
+@dataclass
+class CpuMeter:
+    """CPU seconds (user + system) of named processes, sampled around each block."""
+
+    procs: dict[str, psutil.Process] = field(default_factory=dict)
+    used: dict[str, dict[str, float]] = field(default_factory=dict)
+
+    def add(self, name: str, pid: int) -> None:
+        with contextlib.suppress(psutil.Error):
+            self.procs[name] = psutil.Process(pid)
+
+    def snapshot(self) -> dict[str, float]:
+        out: dict[str, float] = {}
+        for name, proc in self.procs.items():
+            try:
+                t = proc.cpu_times()
+                out[name] = t.user + t.system
+            except psutil.Error:
+                out[name] = float("nan")
+        return out
+
+    @contextlib.contextmanager
+    def measure(self, path: str) -> Iterator[None]:
+        before = self.snapshot()
+        yield
+        after = self.snapshot()
+        bucket = self.used.setdefault(path, {})
+        for name, value in after.items():
+            bucket[name] = bucket.get(name, 0.0) + value - before.get(name, 0.0)
+
+    def per_call_ms(self, calls: dict[str, int]) -> dict[str, dict[str, float]]:
+        return {
+            path: {name: 1000 * sec / max(calls[path], 1) for name, sec in used.items()}
+            for path, used in self.used.items()
+        }
+
+
+# -- the run ----------------------------------------------------------------------
+
+
+def _bench_env(redis_base: str, config_path: Path, tag: str) -> dict[str, str]:
+    return {
+        "MCPQ_BROKER_URL": f"{redis_base}/0",
+        "MCPQ_RESULT_BACKEND": f"{redis_base}/1",
+        "MCPQ_REDIS_URL": f"{redis_base}/2",
+        "MCPQ_CONFIG": str(config_path),
+        "MCPQ_QUEUE": f"mcpq-bench-{tag}",
+        "MCPQ_KEY_PREFIX": f"mcpq-bench-{tag}:",
+        "MCPQ_WORKER_CONCURRENCY": str(WORKER_CONCURRENCY),
+    }
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return int(s.getsockname()[1])
+
+
+def _write_config(path: Path) -> None:
+    import yaml
+
+    doc = {
+        "mcp_servers": {
+            SERVER: {"transport": "stdio", "command": sys.executable, "args": DEMO_SERVER_ARGS},
+        }
+    }
+    path.write_text(yaml.safe_dump(doc))
+
+
+def _git_state() -> str:
+    try:
+        head = subprocess.run(
+            ["git", "rev-parse", "--short", "HEAD"], cwd=REPO_ROOT, capture_output=True, text=True, check=True
+        ).stdout.strip()
+        dirty = subprocess.run(
+            ["git", "status", "--porcelain", "--", "worker", "producer"],
+            cwd=REPO_ROOT,
+            capture_output=True,
+            text=True,
+            check=True,
+        ).stdout.strip()
+    except (OSError, subprocess.CalledProcessError):
+        return "unknown"
+    if not dirty:
+        return head
+    # Others edit worker/ and producer/ while benchmarks run: fingerprint what ran.
+    digest = hashlib.sha256()
+    for path in sorted([*REPO_ROOT.glob("worker/**/*.py"), *REPO_ROOT.glob("worker/**/*.lua"),
+                        *REPO_ROOT.glob("producer/**/*.py")]):  # fmt: skip
+        digest.update(path.relative_to(REPO_ROOT).as_posix().encode())
+        digest.update(path.read_bytes())
+    return f"{head} + uncommitted changes in worker/ or producer/ (source sha256 {digest.hexdigest()[:12]})"
+
+
+def _raise_on_sigterm(signum: int, frame: FrameType | None) -> None:
+    raise KeyboardInterrupt(f"signal {signum}")
+
+
+def run(args: argparse.Namespace) -> dict[str, Any]:
+    tag = uuid.uuid4().hex[:8]
+    report: dict[str, Any] = {
+        "calls": args.calls,
+        "warmup": args.warmup,
+        "rounds": args.rounds,
+        "machine": {
+            "cpus": os.cpu_count(),
+            "python": platform.python_version(),
+            "platform": platform.platform(),
+            "loadavg_start": os.getloadavg(),
+        },
+        "git": _git_state(),
+    }
+    with contextlib.ExitStack() as stack:
+        redis_port: int | None = None
+        if args.redis_url:
+            redis_base = re.sub(r"/\d+$", "", args.redis_url.rstrip("/"))
+        else:
+            redis_port = _free_port()
+            redis_base = f"redis://127.0.0.1:{redis_port}"
+        workdir = Path(stack.enter_context(tempfile.TemporaryDirectory(prefix="mcpq-bench-")))
+        config_path = workdir / "servers.yaml"
+        _write_config(config_path)
+        bench_env = _bench_env(redis_base, config_path, tag)
+        # worker.celery builds its app from MCPQ_* at import: set them before importing it.
+        os.environ.update(bench_env)
+        from bench.app import noop
+        from producer.embedded_redis import EmbeddedRedis
+        from producer.queue import ToolQueue
+        from worker.celery import app
+        from worker.settings import Settings
+
+        settings = Settings.from_env()
+        if app.conf.broker_url != settings.broker_url:
+            raise RuntimeError(
+                "worker.celery.app was built before this run set MCPQ_BROKER_URL "
+                f"({app.conf.broker_url!r} != {settings.broker_url!r}): run bench.latency as a program"
+            )
+        redis_proc: EmbeddedRedis | None = None
+        if redis_port is not None:
+            redis_proc = stack.enter_context(EmbeddedRedis(port=redis_port))
+        settings = Settings.from_env()
+        tq = ToolQueue(settings, app=app)
+        stack.callback(tq.close)
+
+        worker_env = {
+            **os.environ,
+            **bench_env,
+            "PYTHONPATH": os.pathsep.join(filter(None, [str(REPO_ROOT), os.environ.get("PYTHONPATH")])),
+            "PYTHONUNBUFFERED": "1",
+        }
+        if args.no_track_started:
+            worker_env["BENCH_TRACK_STARTED"] = "0"
+        report["track_started"] = not args.no_track_started
+        worker = WorkerProcess(worker_env, settings.queue, WORKER_CONCURRENCY)
+        stack.callback(worker.stop)
+        worker.start()
+        _wait_for_worker(app, worker)
+        print(f"worker up (pid {worker.pid}); connecting the direct client", file=sys.stderr)
+
+        direct = DirectClient()
+        stack.callback(direct.close)
+        direct.start()
+
+        def call_floor() -> None:
+            out = noop.apply_async(queue=settings.queue).get(timeout=CALL_TIMEOUT)
+            if out != {"ok": True}:
+                raise RuntimeError(f"bench.noop returned {out!r}")
+
+        exec_ms: list[float] = []
+
+        def call_mcpq() -> None:
+            result = tq.call("echo", dict(ECHO_ARGS), server=SERVER, wait=CALL_TIMEOUT)
+            if not result.success or result.text != "x":
+                raise RuntimeError(f"mcpq echo failed: {result}\nworker log:\n{worker.log_tail()}")
+            exec_ms.append(result.execution_time_ms)
+
+        def timed(fn: Callable[[], None], n: int) -> list[float]:
+            out: list[float] = []
+            for _ in range(n):
+                t0 = time.perf_counter()
+                fn()
+                out.append((time.perf_counter() - t0) * 1000)
+            return out
+
+        runners: dict[str, Callable[[int], list[float]]] = {
+            "direct": direct.series,
+            "floor": lambda n: timed(call_floor, n),
+            "mcpq": lambda n: timed(call_mcpq, n),
+        }
+
+        print(f"warming up ({args.warmup} calls per path)", file=sys.stderr)
+        for path in PATHS:
+            runners[path](args.warmup)
+        exec_ms.clear()
+
+        meter = CpuMeter()
+        meter.add("bench", os.getpid())
+        meter.add("worker", worker.pid)
+        for child in psutil.Process(worker.pid).children(recursive=True):
+            if "worker.demo_server" in " ".join(_cmdline(child)):
+                meter.add("worker's stdio server", child.pid)
+        for pid in direct.server_pids:
+            meter.add("direct's stdio server", pid)
+        if redis_proc is not None and redis_proc.process is not None:
+            meter.add("redis", redis_proc.process.pid)
+
+        samples: dict[str, list[float]] = {p: [] for p in PATHS}
+        rounds = max(1, min(args.rounds, args.calls))
+        sizes = [args.calls // rounds + (1 if i < args.calls % rounds else 0) for i in range(rounds)]
+        for i, size in enumerate(sizes):
+            order = PATHS[i % 3 :] + PATHS[: i % 3]
+            print(f"round {i + 1}/{rounds}: {size} calls per path, order {', '.join(order)}", file=sys.stderr)
+            for path in order:
+                with meter.measure(path):
+                    samples[path] += runners[path](size)
+
+        report["protocol"] = {
+            "direct": direct.protocol_version,
+            "mcpq": next((s.get("protocol_version") for s in tq.servers() if s["name"] == SERVER), None),
+        }
+        report["results"] = {p: summarize(samples[p]) for p in PATHS}
+        report["mcpq_execution_time_ms"] = summarize(exec_ms)
+        report["cpu_ms_per_call"] = meter.per_call_ms({p: len(samples[p]) for p in PATHS})
+
+        if args.timeline:
+            print(f"stage timeline ({args.timeline} calls per path, alternating)", file=sys.stderr)
+            report["timeline"] = _timeline(app, settings.queue, tq, noop, args.timeline)
+
+        if not args.no_split:
+            print("timing the layers of a call inside the worker (bench.split)", file=sys.stderr)
+            split_calls = max(args.calls // 2, 50)
+            report["split"] = app.send_task(
+                "bench.split",
+                kwargs={"server": SERVER, "calls": split_calls, "warmup": args.warmup, "rounds": rounds},
+                queue=settings.queue,
+            ).get(timeout=CALL_TIMEOUT * split_calls)
+        report["machine"]["loadavg_end"] = os.getloadavg()
+    return report
+
+
+STAGES = {
+    "publish": "publish (send_task / apply_async returns)",
+    "to_consumer": "broker -> worker consumer (task_received)",
+    "to_thread": "consumer -> pool thread (task_prerun)",
+    "in_task": "in the task: STARTED store + body + SUCCESS store",
+    "body": "  of which the mcpq body (execution_time_ms)",
+    "to_producer": "result published -> producer has it",
+    "total": "round trip",
+}
+
+
+def _timeline(app: Any, queue: str, tq: Any, noop: Any, calls: int) -> dict[str, dict[str, dict[str, float]]]:
+    """Per-stage durations of floor and mcpq calls on one clock (CLOCK_MONOTONIC)."""
+    app.send_task("bench.timeline", args=["start"], queue=queue).get(timeout=CALL_TIMEOUT)
+    producer: dict[str, list[tuple[str, float, float, float, float | None]]] = {"floor": [], "mcpq": []}
+    try:
+        for _ in range(calls):
+            t0 = time.monotonic()
+            res = noop.apply_async(queue=queue)
+            t1 = time.monotonic()
+            res.get(timeout=CALL_TIMEOUT)
+            producer["floor"].append((str(res.id), t0, t1, time.monotonic(), None))
+            t0 = time.monotonic()
+            handle = tq.submit("echo", dict(ECHO_ARGS), server=SERVER)
+            t1 = time.monotonic()
+            result = handle.result(CALL_TIMEOUT)
+            producer["mcpq"].append((handle.id, t0, t1, time.monotonic(), result.execution_time_ms))
+    finally:
+        marks: dict[str, dict[str, float]] = app.send_task("bench.timeline", args=["stop"], queue=queue).get(
+            timeout=CALL_TIMEOUT
+        )
+    out: dict[str, dict[str, dict[str, float]]] = {}
+    for path, rows in producer.items():
+        stages: dict[str, list[float]] = {k: [] for k in STAGES}
+        for task_id, t0, t1, t5, body_ms in rows:
+            m = marks.get(task_id)
+            if not m or not {"received", "prerun", "stored"} <= m.keys():
+                continue
+            stages["publish"].append(t1 - t0)
+            stages["to_consumer"].append(m["received"] - t1)
+            stages["to_thread"].append(m["prerun"] - m["received"])
+            stages["in_task"].append(m["stored"] - m["prerun"])
+            if body_ms is not None:
+                stages["body"].append(body_ms / 1000)
+            stages["to_producer"].append(t5 - m["stored"])
+            stages["total"].append(t5 - t0)
+        out[path] = {k: summarize([v * 1000 for v in vals]) for k, vals in stages.items() if vals}
+    return out
+
+
+def _wait_for_worker(app: Any, worker: WorkerProcess, timeout: float = 90.0) -> None:
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        if not worker.alive():
+            raise RuntimeError(f"the worker exited at start:\n{worker.log_tail()}")
+        if app.control.ping(timeout=0.5):
+            return
+    raise RuntimeError(f"the worker did not answer a ping within {timeout:g}s:\n{worker.log_tail()}")
+
+
+# -- output -------------------------------------------------------------------------
+
+
+def render(report: dict[str, Any]) -> str:
+    res = report["results"]
+    lines = [
+        f"mcpq latency benchmark: {int(res['mcpq']['n'])} sequential echo calls per path, "
+        f"{report['warmup']} warm-up, {report['rounds']} interleaved rounds",
+        f"machine: {report['machine']['cpus']} CPUs, Python {report['machine']['python']}, "
+        f"load {report['machine']['loadavg_start'][0]:.2f} -> {report['machine']['loadavg_end'][0]:.2f}; "
+        f"code {report['git']}",
+        f"protocol: direct {report['protocol']['direct']}, mcpq {report['protocol']['mcpq']}"
+        + ("" if report.get("track_started", True) else "; EXPERIMENT: worker task_track_started=False"),
+        "",
+        f"{'path':<40} {'median':>8} {'p90':>8} {'p99':>8} {'mean':>8}   (ms)",
+    ]
+    labels = {
+        "direct": "direct pooled SDK call (mcp.Client)",
+        "floor": "Celery floor (no-op task round trip)",
+        "mcpq": "mcpq (ToolQueue.call)",
+    }
+    for path in PATHS:
+        s = res[path]
+        lines.append(
+            f"{labels[path]:<40} {s['median']:8.3f} {s['p90']:8.3f} {s['p99']:8.3f} {s['mean']:8.3f}"
+        )
+    d, f, m = (res[p]["median"] for p in PATHS)
+    ratio = m / (f + d)
+    overhead = m - f - d
+    lines += [
+        "",
+        f"ratio  mcpq / (floor + direct), medians: {m:.3f} / ({f:.3f} + {d:.3f}) = {ratio:.3f}"
+        f"   (target <= {TARGET_RATIO})",
+        f"mcpq overhead, medians: mcpq - floor - direct = {overhead:+.3f} ms",
+        f"in-worker router time (ToolResult.execution_time_ms), median: "
+        f"{report['mcpq_execution_time_ms']['median']:.3f} ms",
+    ]
+    cpu = report["cpu_ms_per_call"]
+    names = sorted({n for per in cpu.values() for n in per})
+    lines += ["", "CPU per call (ms, user+system):", f"{'process':<24}" + "".join(f"{p:>10}" for p in PATHS)]
+    for name in names:
+        lines.append(
+            f"{name:<24}" + "".join(f"{cpu.get(p, {}).get(name, float('nan')):10.3f}" for p in PATHS)
+        )
+    lines.append(f"{'total':<24}" + "".join(f"{sum(cpu.get(p, {}).values()):10.3f}" for p in PATHS))
+    tl = report.get("timeline")
+    if tl:
+        lines += [
+            "",
+            f"stage timeline, medians in ms ({int(tl['floor']['total']['n'])} calls per path, alternating):",
+            f"{'stage':<52} {'floor':>8} {'mcpq':>8} {'diff':>8}",
+        ]
+        for key, label in STAGES.items():
+            a = tl["floor"].get(key, {}).get("median", float("nan"))
+            b = tl["mcpq"].get(key, {}).get("median", float("nan"))
+            diff = b - (0.0 if key == "body" else a)
+            lines.append(f"{label:<52} {a:8.3f} {b:8.3f} {diff:+8.3f}")
+    split = report.get("split")
+    if split:
+        lines += [
+            "",
+            "inside the worker, from a pool thread (no queue), ms:",
+            f"{'layer':<44} {'median':>8} {'p90':>8} {'p99':>8}",
+        ]
+        split_labels = {
+            "task_body": "task body: manager.call_tool().to_dict()",
+            "pool_run": "pool.run(with_session(call_tool))",
+            "sdk_in_pool_run": "  of which client.call_tool on the loop",
+            "sdk_on_loop": "SDK alone on the worker's loop",
+            "empty_hop": "empty pool.run (thread -> loop -> thread)",
+            "state_redis_ping": "state Redis PING",
+            "breaker_admit_complete": "breaker admit + complete (2 Lua calls)",
+        }
+        split_cpu = split.get("cpu_ms_per_call", {})
+        lines[-1] += f" {'CPU:worker':>11} {'CPU:server':>11}"
+        for key, label in split_labels.items():
+            if key not in split:
+                continue
+            s = split[key]
+            c = split_cpu.get(key)
+            cpu_cols = f" {c['worker']:11.3f} {c['stdio_server']:11.3f}" if c else ""
+            lines.append(f"{label:<44} {s['median']:8.3f} {s['p90']:8.3f} {s['p99']:8.3f}{cpu_cols}")
+        body, prun, sdk = (
+            split["task_body"]["median"],
+            split["pool_run"]["median"],
+            split["sdk_on_loop"]["median"],
+        )
+        lines += [
+            "",
+            "split of mcpq's median (ms):",
+            f"  Celery floor                           {f:8.3f}",
+            f"  SDK call (worker's session, on loop)   {sdk:8.3f}",
+            f"  pool + thread hop (pool_run - SDK)     {prun - sdk:8.3f}",
+            f"  router/validation/result (body - pool) {body - prun:8.3f}",
+            *(
+                [f"    of which breaker admit + complete    {breaker['median']:8.3f}"]
+                if (breaker := split.get("breaker_admit_complete"))
+                else []
+            ),
+            f"  queue cost beyond floor (mcpq - floor - body) {m - f - body:8.3f}",
+        ]
+    return "\n".join(lines)
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(prog="python -m bench.latency", description=__doc__.split("\n\n")[0])
+    parser.add_argument("--calls", type=int, default=500, help="measured calls per path (default 500)")
+    parser.add_argument("--warmup", type=int, default=50, help="warm-up calls per path (default 50)")
+    parser.add_argument("--rounds", type=int, default=5, help="interleaved blocks per path (default 5)")
+    parser.add_argument(
+        "--redis-url", help="use this Redis (base URL; dbs 0, 1, 2) instead of a private redis-server"
+    )
+    parser.add_argument(
+        "--timeline",
+        type=int,
+        default=200,
+        metavar="N",
+        help="then time the stages of N floor and N mcpq calls on one clock (default 200; 0 skips)",
+    )
+    parser.add_argument(
+        "--no-track-started",
+        action="store_true",
+        help="experiment: run the worker with task_track_started=False (mcpq's config says True)",
+    )
+    parser.add_argument("--no-split", action="store_true", help="skip the in-worker layer timing")
+    parser.add_argument("--json", type=Path, help="also write the full report as JSON here")
+    args = parser.parse_args(argv)
+    if args.calls < 1 or args.warmup < 0 or args.rounds < 1:
+        parser.error("--calls and --rounds must be >= 1, --warmup >= 0")
+
+    previous = signal.signal(signal.SIGTERM, _raise_on_sigterm)
+    try:
+        report = run(args)
+    except KeyboardInterrupt:
+        print("interrupted; every process started here was stopped", file=sys.stderr)
+        return 130
+    finally:
+        signal.signal(signal.SIGTERM, previous)
+    print(render(report))
+    if args.json:
+        args.json.write_text(json.dumps(report, indent=2))
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

@@ -1,0 +1,190 @@
+"""producer.cli: argument parsing and the exit codes scripts rely on."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import click
+import pytest
+from click.testing import CliRunner, Result
+
+from producer.cli import EXIT_UNREACHABLE, EXIT_USAGE, cli, parse_arguments
+
+pytestmark = pytest.mark.timeout(30)
+
+#: Keep the developer's own MCPQ_* settings out of the CLI runs.
+CLEAN_ENV: dict[str, str | None] = {
+    "MCPQ_CONFIG": None,
+    "MCPQ_CONFIG_PATH": None,
+    "MCPQ_REDIS_URL": None,
+    "MCPQ_BROKER_URL": None,
+    "MCPQ_RESULT_BACKEND": None,
+    "MCPQ_KEY_PREFIX": None,
+}
+
+
+def run(*args: str, env: dict[str, str | None] | None = None) -> Result:
+    return CliRunner().invoke(cli, list(args), env=CLEAN_ENV | (env or {}), prog_name="mcpq")
+
+
+def assert_no_traceback(result: Result) -> None:
+    assert "Traceback" not in result.output
+    assert "Traceback" not in result.stderr
+    # Click exits through SystemExit; anything else escaping is a crash.
+    assert result.exception is None or isinstance(result.exception, SystemExit), result.exception
+
+
+# --------------------------------------------------------------------------- parse_arguments
+
+
+def test_no_arguments() -> None:
+    assert parse_arguments([]) == {}
+    assert parse_arguments(()) == {}
+
+
+def test_json_object() -> None:
+    assert parse_arguments(['{"a": 1, "b": [2, 3], "c": {"d": null}}']) == {
+        "a": 1,
+        "b": [2, 3],
+        "c": {"d": None},
+    }
+    assert parse_arguments(['  {"x": "y"}']) == {"x": "y"}
+
+
+def test_key_value_with_json_typed_values() -> None:
+    parsed = parse_arguments(["a=1", "b=2.5", "c=true", "d=null", "e=[1,2]", 'f={"k":"v"}', 'g="quoted"'])
+    assert parsed == {
+        "a": 1,
+        "b": 2.5,
+        "c": True,
+        "d": None,
+        "e": [1, 2],
+        "f": {"k": "v"},
+        "g": "quoted",
+    }
+    assert type(parsed["a"]) is int
+
+
+def test_key_value_strings() -> None:
+    assert parse_arguments(["name=Ada Lovelace", "empty=", "eq=a=b", "path=/tmp/x"]) == {
+        "name": "Ada Lovelace",
+        "empty": "",
+        "eq": "a=b",
+        "path": "/tmp/x",
+    }
+
+
+def test_later_key_wins() -> None:
+    assert parse_arguments(["a=1", "a=2"]) == {"a": 2}
+
+
+def test_bad_json_object() -> None:
+    with pytest.raises(click.UsageError) as info:
+        parse_arguments(['{"a": 1,}'])
+    message = info.value.message
+    assert message.startswith("arguments are not valid JSON: ")
+    assert "at column 9" in message
+
+
+@pytest.mark.parametrize("raw", ["[1, 2]", '"text"', "42"])
+def test_json_that_is_not_an_object(raw: str) -> None:
+    # A lone JSON value that is not an object is not key=value either.
+    with pytest.raises(click.UsageError, match="neither a JSON object nor key=value"):
+        parse_arguments([raw])
+
+
+def test_brace_but_not_an_object_is_rejected() -> None:
+    with pytest.raises(click.UsageError, match="not valid JSON"):
+        parse_arguments(["{a=1}"])
+
+
+@pytest.mark.parametrize("item", ["justtext", "=value"])
+def test_item_without_key_or_equals(item: str) -> None:
+    with pytest.raises(click.UsageError) as info:
+        parse_arguments(["a=1", item])
+    assert info.value.message == f"argument {item!r} is neither a JSON object nor key=value"
+
+
+# --------------------------------------------------------------------------- the command line
+
+
+def test_help_lists_the_commands() -> None:
+    result = run("--help")
+    assert result.exit_code == 0
+    assert "Usage: mcpq" in result.output
+    commands = result.output.split("Commands:", 1)[1]
+    listed = {line.split()[0] for line in commands.splitlines() if line.strip()}
+    assert {"servers", "tools", "call", "discover", "worker", "demo"} <= listed
+    assert set(cli.commands) == listed
+
+
+def test_short_help_flag() -> None:
+    result = run("-h")
+    assert result.exit_code == 0
+    assert "Commands:" in result.output
+
+
+def test_call_with_bad_json_is_a_usage_error() -> None:
+    # Fails before any broker is contacted (none is running).
+    result = run("call", "get_sum", '{"a": 1,', env={"MCPQ_BROKER_URL": "redis://127.0.0.1:1/0"})
+    assert result.exit_code == EXIT_USAGE == 2
+    assert "arguments are not valid JSON" in result.output
+    assert_no_traceback(result)
+
+
+def test_call_with_bad_key_value_is_a_usage_error() -> None:
+    result = run("call", "get_sum", "a=1", "oops", env={"MCPQ_BROKER_URL": "redis://127.0.0.1:1/0"})
+    assert result.exit_code == 2
+    assert "'oops' is neither a JSON object nor key=value" in result.output
+    assert_no_traceback(result)
+
+
+def test_worker_with_malformed_config_exits_2_with_file_and_line(tmp_path: Path) -> None:
+    config = tmp_path / "servers.yaml"
+    config.write_text("mcp_servers:\n  a:\n    command: python\n    args: [unclosed\n")
+    result = run("worker", env={"MCPQ_CONFIG": str(config)})
+    assert result.exit_code == 2
+    lines = [line for line in result.stderr.splitlines() if line.strip()]
+    assert lines, result.output
+    assert lines[0].startswith(f"mcpq: {config}:")
+    line_number = lines[0].removeprefix(f"mcpq: {config}:").split(":", 1)[0]
+    assert line_number.isdigit()
+    assert "invalid YAML" in result.stderr
+    assert_no_traceback(result)
+
+
+def test_worker_with_invalid_field_names_it(tmp_path: Path) -> None:
+    config = tmp_path / "servers.yaml"
+    config.write_text("mcp_servers:\n  a:\n    command: python\n    timeout: -1\n")
+    result = run("worker", env={"MCPQ_CONFIG": str(config)})
+    assert result.exit_code == 2
+    assert f"{config}:4" in result.stderr
+    assert "timeout" in result.stderr
+    assert_no_traceback(result)
+
+
+def test_worker_with_missing_config_exits_2(tmp_path: Path) -> None:
+    missing = tmp_path / "nope.yaml"
+    result = run("worker", env={"MCPQ_CONFIG": str(missing)})
+    assert result.exit_code == 2
+    assert str(missing) in result.stderr
+    assert "not found" in result.stderr
+    assert_no_traceback(result)
+
+
+def test_servers_with_unreachable_redis_exits_3() -> None:
+    result = run("servers", env={"MCPQ_REDIS_URL": "redis://127.0.0.1:1/0"})
+    assert result.exit_code == EXIT_UNREACHABLE == 3
+    lines = [line for line in result.stderr.splitlines() if line.strip()]
+    assert len(lines) == 1, result.stderr
+    assert lines[0].startswith("mcpq: ")
+    assert "127.0.0.1:1" in lines[0]
+    assert result.stdout == ""
+    assert_no_traceback(result)
+
+
+def test_tools_with_unreachable_redis_exits_3() -> None:
+    result = run("tools", "--json", env={"MCPQ_REDIS_URL": "redis://127.0.0.1:1/0"})
+    assert result.exit_code == 3
+    assert len([line for line in result.stderr.splitlines() if line.strip()]) == 1
+    assert_no_traceback(result)

@@ -1,0 +1,289 @@
+"""Fleet-wide circuit breakers and limits, one Redis hash per upstream server.
+
+Every transition happens inside one Lua script (``worker/lua/*.lua``), with
+Redis ``TIME`` as the only clock, so all worker processes on all hosts share
+one failure count and one probe lease. A call costs two round trips:
+``admit`` before sending (breaker + concurrency slot + rate token) and
+``complete`` after (outcome + slot release).
+
+When Redis cannot be reached, calls go on under a per-process breaker with
+the same rules (:class:`LocalBreaker`), the worker logs once that it is
+degraded, and it returns to the shared state as soon as Redis answers again.
+Fleet-wide limits cannot be enforced without Redis and are skipped then.
+"""
+
+from __future__ import annotations
+
+import logging
+import threading
+import time
+from dataclasses import dataclass
+from importlib import resources
+from typing import Any, Literal
+
+import redis
+
+from worker.keys import Keys
+
+log = logging.getLogger(__name__)
+
+Outcome = Literal["success", "failure", "ignore"]
+Decision = Literal["allow", "probe", "reject", "limited"]
+
+#: After Redis fails, wait this long before trying it again (calls in between
+#: use the local breaker without paying a connect timeout each).
+REDIS_RETRY_INTERVAL = 1.0
+
+
+def _lua(name: str) -> str:
+    return resources.files("worker").joinpath("lua", name).read_text()
+
+
+@dataclass(frozen=True, slots=True)
+class BreakerPolicy:
+    """The settings of one server's breaker and limits (from its config)."""
+
+    threshold: int = 5
+    open_seconds: float = 60.0
+    half_open_max_calls: int = 1
+    failure_rate_threshold: float | None = None
+    minimum_calls: int = 10
+    window_seconds: float = 60.0
+    slow_call_seconds: float | None = None
+    max_concurrency: int | None = None
+    rate: tuple[int, float] | None = None
+
+    @classmethod
+    def from_config(cls, config: Any) -> BreakerPolicy:
+        return cls(
+            threshold=config.circuit_breaker_threshold,
+            open_seconds=config.circuit_breaker_timeout,
+            half_open_max_calls=config.half_open_max_calls,
+            failure_rate_threshold=config.failure_rate_threshold,
+            minimum_calls=config.minimum_calls,
+            window_seconds=config.window_seconds,
+            slow_call_seconds=config.slow_call_seconds,
+            max_concurrency=config.max_concurrency,
+            rate=config.rate(),
+        )
+
+
+@dataclass(frozen=True, slots=True)
+class Admission:
+    decision: Decision
+    state: str
+    retry_after: float
+    reason: str
+    token: str
+    shared: bool  # decided by the fleet's Redis state, not the local fallback
+
+    @property
+    def admitted(self) -> bool:
+        return self.decision in ("allow", "probe")
+
+
+class LocalBreaker:
+    """The same state machine in process memory, for when Redis is down."""
+
+    def __init__(self) -> None:
+        self.state = "closed"
+        self.failures = 0
+        self.opened_at = 0.0
+        self.open_until = 0.0
+        self.leases: dict[str, float] = {}
+        self.last_error = ""
+
+    def admit(self, policy: BreakerPolicy, token: str, lease_ttl: float) -> tuple[Decision, str, float, str]:
+        now = time.monotonic()
+        if self.state == "open":
+            if now < self.open_until:
+                return "reject", "open", self.open_until - now, "open"
+            self.state = "half_open"
+        if self.state == "half_open":
+            self.leases = {t: exp for t, exp in self.leases.items() if exp > now}
+            if len(self.leases) >= policy.half_open_max_calls:
+                return "reject", "half_open", min(self.leases.values()) - now, "probe_in_flight"
+            self.leases[token] = now + lease_ttl
+            return "probe", "half_open", 0.0, "probe"
+        return "allow", "closed", 0.0, ""
+
+    def complete(
+        self, policy: BreakerPolicy, token: str, outcome: Outcome, probe: bool, error_code: str
+    ) -> str:
+        now = time.monotonic()
+        if probe:
+            expiry = self.leases.pop(token, None)
+            if expiry is None or expiry <= now or self.state != "half_open":
+                return self.state
+            if outcome == "success":
+                self.state, self.failures = "closed", 0
+            elif outcome == "failure":
+                self._trip(policy, now, error_code)
+            return self.state
+        if self.state != "closed" or outcome == "ignore":
+            return self.state
+        if outcome == "success":
+            self.failures = 0
+            return self.state
+        self.failures += 1
+        self.last_error = error_code
+        if self.failures >= policy.threshold:
+            self._trip(policy, now, error_code)
+        return self.state
+
+    def _trip(self, policy: BreakerPolicy, now: float, error_code: str) -> None:
+        self.state = "open"
+        self.opened_at = now
+        self.open_until = now + policy.open_seconds
+        self.last_error = error_code
+
+
+class ServerGuard:
+    """Breakers and limits for every server, shared through Redis."""
+
+    def __init__(self, client: redis.Redis, keys: Keys) -> None:
+        self.redis = client
+        self.keys = keys
+        self._admit = client.register_script(_lua("admit.lua"))
+        self._complete = client.register_script(_lua("complete.lua"))
+        self._local: dict[str, LocalBreaker] = {}
+        self._lock = threading.RLock()
+        self._redis_down_until = 0.0
+        self._degraded = False
+
+    # -- Redis availability ----------------------------------------------------
+    def _redis_usable(self) -> bool:
+        return time.monotonic() >= self._redis_down_until
+
+    def _redis_failed(self, exc: Exception) -> None:
+        self._redis_down_until = time.monotonic() + REDIS_RETRY_INTERVAL
+        if not self._degraded:
+            self._degraded = True
+            log.warning(
+                "state Redis unreachable (%s): circuit breakers run per process and fleet-wide limits "
+                "are not enforced until it is back",
+                exc,
+            )
+
+    def _redis_ok(self) -> None:
+        if self._degraded:
+            self._degraded = False
+            log.warning("state Redis reachable again: circuit breakers are shared by the fleet again")
+
+    @property
+    def degraded(self) -> bool:
+        return self._degraded
+
+    def _local_for(self, server: str) -> LocalBreaker:
+        with self._lock:
+            return self._local.setdefault(server, LocalBreaker())
+
+    # -- the two round trips ---------------------------------------------------------
+    def admit(self, server: str, policy: BreakerPolicy, token: str, lease_ttl: float) -> Admission:
+        if self._redis_usable():
+            rate_calls, rate_period = policy.rate or (0, 0.0)
+            try:
+                raw = self._admit(
+                    keys=[self.keys.breaker(server), self.keys.inflight(server), self.keys.rate(server)],
+                    args=[
+                        token,
+                        int(lease_ttl * 1000) + 1,
+                        policy.half_open_max_calls,
+                        policy.max_concurrency or 0,
+                        rate_calls,
+                        int(rate_period * 1000),
+                    ],
+                )
+            except (redis.ConnectionError, redis.TimeoutError) as exc:
+                self._redis_failed(exc)
+            else:
+                self._redis_ok()
+                decision, state, retry_ms, reason = (_text(v) for v in raw)
+                return Admission(decision, state, int(retry_ms) / 1000, reason, token, True)  # type: ignore[arg-type]
+        with self._lock:
+            decision, state, retry_after, reason = self._local_for(server).admit(policy, token, lease_ttl)
+        return Admission(decision, state, retry_after, reason, token, False)
+
+    def complete(
+        self,
+        server: str,
+        policy: BreakerPolicy,
+        admission: Admission,
+        outcome: Outcome,
+        elapsed: float,
+        error_code: str = "",
+    ) -> str:
+        """Record the outcome; returns the breaker state after it."""
+        if (
+            outcome == "success"
+            and policy.slow_call_seconds is not None
+            and elapsed > policy.slow_call_seconds
+        ):
+            outcome, error_code = "failure", "slow_call"
+        probe = admission.decision == "probe"
+        if admission.shared and self._redis_usable():
+            try:
+                raw = self._complete(
+                    keys=[self.keys.breaker(server), self.keys.inflight(server)],
+                    args=[
+                        admission.token,
+                        outcome,
+                        1 if probe else 0,
+                        policy.threshold,
+                        int(policy.open_seconds * 1000),
+                        policy.failure_rate_threshold or 0,
+                        policy.minimum_calls,
+                        int(policy.window_seconds * 1000),
+                        error_code,
+                    ],
+                )
+            except (redis.ConnectionError, redis.TimeoutError) as exc:
+                self._redis_failed(exc)
+            else:
+                self._redis_ok()
+                return _text(raw[0])
+        with self._lock:
+            return self._local_for(server).complete(policy, admission.token, outcome, probe, error_code)
+
+
+def _text(value: Any) -> str:
+    return value.decode() if isinstance(value, bytes) else str(value)
+
+
+# -- status and reset: used by the manager and, without the MCP SDK, the producer --
+
+
+def breaker_status(client: redis.Redis, keys: Keys, servers: list[str]) -> dict[str, dict[str, Any]]:
+    """State, consecutive failures, opened at, next probe at (epoch seconds) per server."""
+    pipe = client.pipeline()
+    pipe.time()
+    for name in servers:
+        pipe.hgetall(keys.breaker(name))
+        pipe.zcard(keys.inflight(name))
+    replies = pipe.execute()
+    seconds, micros = replies[0]
+    now_ms = seconds * 1000 + micros // 1000
+    out: dict[str, dict[str, Any]] = {}
+    for i, name in enumerate(servers):
+        raw = {_text(k): _text(v) for k, v in replies[1 + 2 * i].items()}
+        state = raw.get("state", "closed")
+        open_until = int(raw.get("open_until", 0) or 0)
+        if state == "open" and now_ms >= open_until:
+            state = "half_open"  # the next call will be the probe
+        leases = sum(1 for k, v in raw.items() if k.startswith("lease:") and int(v) > now_ms)
+        out[name] = {
+            "state": state,
+            "failures": int(raw.get("failures", 0) or 0),
+            "opened_at": int(raw["opened_at"]) / 1000 if "opened_at" in raw and state != "closed" else None,
+            "next_probe_at": open_until / 1000 if state != "closed" and open_until else None,
+            "probe_in_flight": leases,
+            "last_error": raw.get("last_error") or None,
+            "trips": int(raw.get("trips", 0) or 0),
+            "in_flight": int(replies[2 + 2 * i]),
+        }
+    return out
+
+
+def reset_breaker(client: redis.Redis, keys: Keys, server: str) -> bool:
+    """Close the server's breaker fleet-wide; True if there was state to clear."""
+    return bool(client.delete(keys.breaker(server)))
