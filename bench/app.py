@@ -7,8 +7,10 @@ the mcpq path share broker, backend, pool and configuration.
 
 - ``bench.noop``: the Celery floor, a task that does nothing and returns a small dict.
 - ``bench.timeline``: switches on stage timestamps (received by the consumer,
-  started in a pool thread, result stored) for the two tasks above, and hands
-  them back, so the producer can lay a call's stages on one clock.
+  started in a pool thread, result stored) for the two tasks above, and, for
+  ``mcpq.call_tool``, the time spent in each part of the task body (wrappers
+  installed at worker start unless ``BENCH_INSTRUMENT=0``), and hands them
+  back, so the producer can lay a call's stages on one clock.
 - ``bench.split``: runs inside the worker and times the layers of one mcpq call
   (router, pool/thread hop, SDK) without the queue, to split mcpq's overhead.
 """
@@ -45,22 +47,26 @@ def noop() -> dict[str, bool]:
 
 
 # -- timeline: when each traced task reached each stage (CLOCK_MONOTONIC, shared by
-# every process on the machine, so comparable with the producer's time.monotonic()).
+# every process on the machine, so comparable with the producer's time.monotonic()),
+# plus, for mcpq.call_tool, how long each part of the task body took in situ.
 
 _TRACED = frozenset({"bench.noop", CALL_TOOL})
 _TIMELINE_CAP = 100_000
 _timeline: dict[str, dict[str, float]] = {}
 _timeline_on = False
 _timeline_lock = threading.Lock()
+_current = threading.local()  # the traced task this pool thread is running
+_sdk_times: list[float] = []  # Client.call_tool durations, appended on the loop thread
 
 
-def _mark(task_id: str | None, stage: str) -> None:
+def _mark(task_id: str | None, stage: str, value: float | None = None, add: bool = False) -> None:
     if task_id is None:
         return
-    now = time.monotonic()
+    value = time.monotonic() if value is None else value
     with _timeline_lock:
-        if len(_timeline) < _TIMELINE_CAP:
-            _timeline.setdefault(task_id, {})[stage] = now
+        if len(_timeline) < _TIMELINE_CAP or task_id in _timeline:
+            marks = _timeline.setdefault(task_id, {})
+            marks[stage] = marks.get(stage, 0.0) + value if add else value
 
 
 @signals.task_received.connect
@@ -72,6 +78,7 @@ def _on_received(request: Any = None, **_: Any) -> None:
 @signals.task_prerun.connect
 def _on_prerun(task_id: str | None = None, task: Any = None, **_: Any) -> None:
     if _timeline_on and task is not None and task.name in _TRACED:
+        _current.task_id = task_id
         _mark(task_id, "prerun")
 
 
@@ -82,6 +89,83 @@ def _on_success(sender: Any = None, **_: Any) -> None:
         _mark(sender.request.id, "stored")
 
 
+@signals.task_postrun.connect
+def _on_postrun(**_: Any) -> None:
+    _current.task_id = None
+
+
+def _install_probes() -> None:
+    """Wrap the parts of mcpq's call path to time them per task (worker process only).
+
+    Each wrapper costs a thread-local read when the timeline is off. Parts that a
+    later version of mcpq renames are skipped, not errors.
+    """
+    import functools
+
+    import mcp
+
+    from worker import manager as manager_mod
+    from worker import router as router_mod
+
+    def timed(owner: Any, attr: str, stage: str, points: bool = False) -> None:
+        original = getattr(owner, attr, None)
+        if original is None:
+            return
+
+        @functools.wraps(original)
+        def wrapper(*args: Any, **kwargs: Any) -> Any:
+            task_id = getattr(_current, "task_id", None)
+            if task_id is None:
+                return original(*args, **kwargs)
+            started = time.monotonic()
+            if points:
+                _mark(task_id, f"{stage}_start", started)
+            sdk_before = len(_sdk_times)
+            try:
+                return original(*args, **kwargs)
+            finally:
+                ended = time.monotonic()
+                _mark(task_id, f"d:{stage}", ended - started, add=True)
+                if points:
+                    _mark(task_id, f"{stage}_end", ended)
+                if stage == "execute":
+                    with _timeline_lock:
+                        sdk = sum(_sdk_times[sdk_before:])
+                    _mark(task_id, "d:sdk", sdk, add=True)
+
+        setattr(owner, attr, wrapper)
+
+    timed(manager_mod.MCPClientManager, "call_tool", "body", points=True)
+    timed(router_mod.ToolRouter, "resolve", "resolve")
+    timed(router_mod, "validate_arguments", "validate")
+    timed(router_mod.ToolRouter, "_admit", "admit")
+    timed(router_mod.ToolRouter, "_complete", "complete")
+    timed(router_mod.ToolRouter, "_execute", "execute")
+    timed(router_mod.ToolRouter, "_result", "result")
+
+    original_call_tool = mcp.Client.call_tool
+
+    @functools.wraps(original_call_tool)
+    async def call_tool(self: Any, *args: Any, **kwargs: Any) -> Any:
+        if not _timeline_on:
+            return await original_call_tool(self, *args, **kwargs)
+        started = time.monotonic()
+        try:
+            return await original_call_tool(self, *args, **kwargs)
+        finally:
+            elapsed = time.monotonic() - started
+            with _timeline_lock:
+                _sdk_times.append(elapsed)
+
+    mcp.Client.call_tool = call_tool  # type: ignore[method-assign]
+
+
+@signals.worker_init.connect
+def _on_worker_init(**_: Any) -> None:
+    if os.environ.get("BENCH_INSTRUMENT", "1") != "0":
+        _install_probes()
+
+
 @app.task(name="bench.timeline")
 def timeline(action: str) -> dict[str, dict[str, float]]:
     """``start``: record stage times from now on; ``stop``: stop, return and forget them."""
@@ -89,11 +173,13 @@ def timeline(action: str) -> dict[str, dict[str, float]]:
     with _timeline_lock:
         if action == "start":
             _timeline.clear()
+            _sdk_times.clear()
             _timeline_on = True
             return {}
         _timeline_on = False
         out = dict(_timeline)
         _timeline.clear()
+        _sdk_times.clear()
         return out
 
 

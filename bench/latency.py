@@ -378,6 +378,8 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
         }
         if args.no_track_started:
             worker_env["BENCH_TRACK_STARTED"] = "0"
+        if args.timeline == 0:
+            worker_env["BENCH_INSTRUMENT"] = "0"
         report["track_started"] = not args.no_track_started
         worker = WorkerProcess(worker_env, settings.queue, WORKER_CONCURRENCY)
         stack.callback(worker.stop)
@@ -470,29 +472,43 @@ STAGES = {
     "publish": "publish (send_task / apply_async returns)",
     "to_consumer": "broker -> worker consumer (task_received)",
     "to_thread": "consumer -> pool thread (task_prerun)",
-    "in_task": "in the task: STARTED store + body + SUCCESS store",
-    "body": "  of which the mcpq body (execution_time_ms)",
+    "in_task": "in the task thread (prerun -> result stored)",
+    "before_body": "  STARTED store, task wrapper (-> body)",
+    "body": "  body: MCPClientManager.call_tool",
+    "resolve": "    resolve tool -> server",
+    "validate": "    validate arguments",
+    "admit": "    breaker admit (Redis Lua)",
+    "execute": "    pool.run: hop + session + SDK + dump",
+    "sdk": "      of which Client.call_tool on the loop",
+    "hop": "      of which the rest (hop, session, dump)",
+    "complete": "    breaker complete (Redis Lua)",
+    "result": "    build ToolResult",
+    "body_other": "    rest of the router",
+    "after_body": "  to_dict, SUCCESS store + publish",
     "to_producer": "result published -> producer has it",
     "total": "round trip",
 }
+_BODY_PARTS = ("resolve", "validate", "admit", "execute", "complete", "result")
 
 
 def _timeline(app: Any, queue: str, tq: Any, noop: Any, calls: int) -> dict[str, dict[str, dict[str, float]]]:
     """Per-stage durations of floor and mcpq calls on one clock (CLOCK_MONOTONIC)."""
     app.send_task("bench.timeline", args=["start"], queue=queue).get(timeout=CALL_TIMEOUT)
-    producer: dict[str, list[tuple[str, float, float, float, float | None]]] = {"floor": [], "mcpq": []}
+    producer: dict[str, list[tuple[str, float, float, float]]] = {"floor": [], "mcpq": []}
     try:
         for _ in range(calls):
             t0 = time.monotonic()
             res = noop.apply_async(queue=queue)
             t1 = time.monotonic()
             res.get(timeout=CALL_TIMEOUT)
-            producer["floor"].append((str(res.id), t0, t1, time.monotonic(), None))
+            producer["floor"].append((str(res.id), t0, t1, time.monotonic()))
             t0 = time.monotonic()
             handle = tq.submit("echo", dict(ECHO_ARGS), server=SERVER)
             t1 = time.monotonic()
             result = handle.result(CALL_TIMEOUT)
-            producer["mcpq"].append((handle.id, t0, t1, time.monotonic(), result.execution_time_ms))
+            producer["mcpq"].append((handle.id, t0, t1, time.monotonic()))
+            if not result.success:
+                raise RuntimeError(f"mcpq echo failed: {result}")
     finally:
         marks: dict[str, dict[str, float]] = app.send_task("bench.timeline", args=["stop"], queue=queue).get(
             timeout=CALL_TIMEOUT
@@ -500,7 +516,7 @@ def _timeline(app: Any, queue: str, tq: Any, noop: Any, calls: int) -> dict[str,
     out: dict[str, dict[str, dict[str, float]]] = {}
     for path, rows in producer.items():
         stages: dict[str, list[float]] = {k: [] for k in STAGES}
-        for task_id, t0, t1, t5, body_ms in rows:
+        for task_id, t0, t1, t5 in rows:
             m = marks.get(task_id)
             if not m or not {"received", "prerun", "stored"} <= m.keys():
                 continue
@@ -508,10 +524,17 @@ def _timeline(app: Any, queue: str, tq: Any, noop: Any, calls: int) -> dict[str,
             stages["to_consumer"].append(m["received"] - t1)
             stages["to_thread"].append(m["prerun"] - m["received"])
             stages["in_task"].append(m["stored"] - m["prerun"])
-            if body_ms is not None:
-                stages["body"].append(body_ms / 1000)
             stages["to_producer"].append(t5 - m["stored"])
             stages["total"].append(t5 - t0)
+            if "body_start" in m and "body_end" in m:
+                stages["before_body"].append(m["body_start"] - m["prerun"])
+                stages["body"].append(m["d:body"])
+                stages["after_body"].append(m["stored"] - m["body_end"])
+                for part in _BODY_PARTS:
+                    stages[part].append(m.get(f"d:{part}", 0.0))
+                stages["sdk"].append(m.get("d:sdk", 0.0))
+                stages["hop"].append(m.get("d:execute", 0.0) - m.get("d:sdk", 0.0))
+                stages["body_other"].append(m["d:body"] - sum(m.get(f"d:{p}", 0.0) for p in _BODY_PARTS))
         out[path] = {k: summarize([v * 1000 for v in vals]) for k, vals in stages.items() if vals}
     return out
 
@@ -579,10 +602,14 @@ def render(report: dict[str, Any]) -> str:
             f"{'stage':<52} {'floor':>8} {'mcpq':>8} {'diff':>8}",
         ]
         for key, label in STAGES.items():
-            a = tl["floor"].get(key, {}).get("median", float("nan"))
-            b = tl["mcpq"].get(key, {}).get("median", float("nan"))
-            diff = b - (0.0 if key == "body" else a)
-            lines.append(f"{label:<52} {a:8.3f} {b:8.3f} {diff:+8.3f}")
+            a = tl["floor"].get(key, {}).get("median")
+            b = tl["mcpq"].get(key, {}).get("median")
+            if a is None and b is None:
+                continue
+            cols = [f"{v:8.3f}" if v is not None else f"{'':>8}" for v in (a, b)]
+            diff = f"{b - a:+8.3f}" if a is not None and b is not None else ""
+            lines.append(f"{label:<52} {cols[0]} {cols[1]} {diff}")
+        lines.append("(medians of each stage; they need not add up to the median round trip)")
     split = report.get("split")
     if split:
         lines += [

@@ -1,0 +1,121 @@
+"""Count mcpq's own Redis round trips per call (happy path).
+
+A worker serves N calls to a stdio echo tool. Its shared-state Redis is a
+server of its own (the broker and result backend are on another), watched
+with MONITOR: every command a client sends is one line; commands that Lua
+scripts run inside Redis are marked ``lua`` and are not round trips, so they
+are left out (``INFO commandstats`` would count them).
+
+    python -m bench.roundtrips [--calls 1000] [--pool threads]
+"""
+
+from __future__ import annotations
+
+import argparse
+import collections
+import os
+import subprocess
+import sys
+import tempfile
+import threading
+import time
+from pathlib import Path
+from typing import Any
+
+import redis
+
+from producer.embedded_redis import EmbeddedRedis
+from producer.queue import ToolQueue
+from worker.settings import Settings
+
+CONFIG = """\
+mcp_servers:
+  bench:
+    transport: stdio
+    command: {python}
+    args: ["-m", "worker.demo_server", "stdio"]
+"""
+
+
+class Monitor:
+    """Collects every command clients send to a Redis, from a MONITOR connection."""
+
+    def __init__(self, url: str) -> None:
+        self.client = redis.Redis.from_url(url)
+        self.commands: list[dict[str, Any]] = []
+        self._ready = threading.Event()
+        self._stop = False
+        self._thread = threading.Thread(target=self._run, daemon=True)
+
+    def _run(self) -> None:
+        with self.client.monitor() as monitor:
+            self._ready.set()
+            for event in monitor.listen():
+                if self._stop:
+                    return
+                self.commands.append(event)
+
+    def __enter__(self) -> Monitor:
+        self._thread.start()
+        self._ready.wait(5)
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self._stop = True
+        # One more command wakes the listener so it sees the stop flag.
+        redis.Redis(connection_pool=self.client.connection_pool).ping()
+        self._thread.join(5)
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(
+        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
+    parser.add_argument("--calls", type=int, default=1000)
+    parser.add_argument("--pool", default="threads")
+    args = parser.parse_args(argv)
+
+    with EmbeddedRedis() as broker, EmbeddedRedis() as state, tempfile.TemporaryDirectory() as tmp:
+        config = Path(tmp) / "servers.yaml"
+        config.write_text(CONFIG.format(python=sys.executable))
+        env = {
+            **os.environ,
+            "MCPQ_BROKER_URL": f"{broker.url}/0",
+            "MCPQ_RESULT_BACKEND": f"{broker.url}/1",
+            "MCPQ_REDIS_URL": f"{state.url}/0",
+            "MCPQ_CONFIG": str(config),
+            "MCPQ_QUEUE": "bench-rt",
+        }
+        worker = subprocess.Popen(
+            [sys.executable, "-m", "celery", "-A", "worker", "worker", "-P", args.pool, "-c", "8",
+             "-Q", "bench-rt", "--loglevel", "warning", "--without-gossip", "--without-mingle"],
+            env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
+        )  # fmt: skip
+        try:
+            queue = ToolQueue(Settings.from_env(env))
+            queue.wait_for_worker(60)
+            for _ in range(50):  # warm-up: connect, discover, publish
+                assert queue.call("echo", {"text": "warm"}, timeout=30).success
+            with Monitor(f"{state.url}/0") as monitor:
+                started = time.perf_counter()
+                handles = [queue.submit("echo", {"text": str(i)}, timeout=30) for i in range(args.calls)]
+                failed = sum(not h.result(120).success for h in handles)
+                elapsed = time.perf_counter() - started
+            queue.close()
+        finally:
+            worker.terminate()
+            worker.wait(30)
+
+    sent = [c for c in monitor.commands if c.get("client_type") != "lua"]
+    in_lua = len(monitor.commands) - len(sent)
+    by_command = collections.Counter(str(c["command"]).split(" ", 1)[0].upper() for c in sent)
+    print(f"calls: {args.calls} ({failed} failed) in {elapsed:.2f}s, worker pool {args.pool}")
+    print(f"round trips to the state Redis: {len(sent)} = {len(sent) / args.calls:.3f} per call")
+    print(f"(commands run inside Lua scripts, not round trips: {in_lua})")
+    for command, n in by_command.most_common():
+        print(f"  {command:<10} {n:>7}  {n / args.calls:.3f}/call")
+    return 1 if failed else 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
