@@ -72,12 +72,12 @@ TARGET_RATIO = 1.25
 
 
 class WorkerProcess:
-    """One Celery worker on ``bench.app``: threads pool, its own session and log file."""
+    """One Celery worker on ``bench.app`` (threads pool by default), its own session and log file."""
 
-    def __init__(self, env: dict[str, str], queue: str, concurrency: int) -> None:
+    def __init__(self, env: dict[str, str], queue: str, concurrency: int, pool: str = "threads") -> None:
         self.argv = [
             sys.executable, "-m", "celery", "-A", "bench.app", "worker",
-            "-P", "threads", "-c", str(concurrency), "-Q", queue,
+            "-P", pool, "-c", str(concurrency), "-Q", queue,
             "--without-gossip", "--without-mingle", "--loglevel", "warning",
         ]  # fmt: skip
         self.env = env
@@ -274,7 +274,6 @@ def _bench_env(redis_base: str, config_path: Path, tag: str) -> dict[str, str]:
         "MCPQ_CONFIG": str(config_path),
         "MCPQ_QUEUE": f"mcpq-bench-{tag}",
         "MCPQ_KEY_PREFIX": f"mcpq-bench-{tag}:",
-        "MCPQ_WORKER_CONCURRENCY": str(WORKER_CONCURRENCY),
     }
 
 
@@ -381,7 +380,8 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
         if args.timeline == 0:
             worker_env["BENCH_INSTRUMENT"] = "0"
         report["track_started"] = not args.no_track_started
-        worker = WorkerProcess(worker_env, settings.queue, WORKER_CONCURRENCY)
+        report["worker"] = {"pool": args.pool, "concurrency": args.concurrency}
+        worker = WorkerProcess(worker_env, settings.queue, args.concurrency, args.pool)
         stack.callback(worker.stop)
         worker.start()
         _wait_for_worker(app, worker)
@@ -429,6 +429,8 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
         for child in psutil.Process(worker.pid).children(recursive=True):
             if "worker.demo_server" in " ".join(_cmdline(child)):
                 meter.add("worker's stdio server", child.pid)
+            elif "celery" in " ".join(_cmdline(child)):
+                meter.add("worker's pool child", child.pid)
         for pid in direct.server_pids:
             meter.add("direct's stdio server", pid)
         if redis_proc is not None and redis_proc.process is not None:
@@ -518,18 +520,22 @@ def _timeline(app: Any, queue: str, tq: Any, noop: Any, calls: int) -> dict[str,
         stages: dict[str, list[float]] = {k: [] for k in STAGES}
         for task_id, t0, t1, t5 in rows:
             m = marks.get(task_id)
-            if not m or not {"received", "prerun", "stored"} <= m.keys():
+            if not m or not {"prerun", "stored"} <= m.keys():
                 continue
             stages["publish"].append(t1 - t0)
-            stages["to_consumer"].append(m["received"] - t1)
-            stages["to_thread"].append(m["prerun"] - m["received"])
+            if "received" in m:  # not with prefork: the consumer is another process
+                stages["to_consumer"].append(m["received"] - t1)
+                stages["to_thread"].append(m["prerun"] - m["received"])
+            else:
+                stages["to_consumer"].append(m["prerun"] - t1)
             stages["in_task"].append(m["stored"] - m["prerun"])
             stages["to_producer"].append(t5 - m["stored"])
             stages["total"].append(t5 - t0)
             if "body_start" in m and "body_end" in m:
                 stages["before_body"].append(m["body_start"] - m["prerun"])
-                stages["body"].append(m["d:body"])
                 stages["after_body"].append(m["stored"] - m["body_end"])
+            if "d:body" in m:
+                stages["body"].append(m["d:body"])
                 for part in _BODY_PARTS:
                     stages[part].append(m.get(f"d:{part}", 0.0))
                 stages["sdk"].append(m.get("d:sdk", 0.0))
@@ -561,7 +567,12 @@ def render(report: dict[str, Any]) -> str:
         f"load {report['machine']['loadavg_start'][0]:.2f} -> {report['machine']['loadavg_end'][0]:.2f}; "
         f"code {report['git']}",
         f"protocol: direct {report['protocol']['direct']}, mcpq {report['protocol']['mcpq']}"
-        + ("" if report.get("track_started", True) else "; EXPERIMENT: worker task_track_started=False"),
+        + ("" if report.get("track_started", True) else "; EXPERIMENT: worker task_track_started=False")
+        + (
+            ""
+            if report["worker"] == {"pool": "threads", "concurrency": WORKER_CONCURRENCY}
+            else f"; EXPERIMENT: worker -P {report['worker']['pool']} -c {report['worker']['concurrency']}"
+        ),
         "",
         f"{'path':<40} {'median':>8} {'p90':>8} {'p99':>8} {'mean':>8}   (ms)",
     ]
@@ -676,6 +687,19 @@ def main(argv: list[str] | None = None) -> int:
         "--no-track-started",
         action="store_true",
         help="experiment: run the worker with task_track_started=False (mcpq's config says True)",
+    )
+    parser.add_argument(
+        "--pool",
+        choices=["threads", "prefork", "solo"],
+        default="threads",
+        help="experiment: the worker's pool (default threads, as specified for this benchmark)",
+    )
+    parser.add_argument(
+        "--concurrency",
+        type=int,
+        default=WORKER_CONCURRENCY,
+        help=f"the worker's -c (default {WORKER_CONCURRENCY}; use 1 with --pool prefork so the "
+        "timeline and split tasks share the one child process)",
     )
     parser.add_argument("--no-split", action="store_true", help="skip the in-worker layer timing")
     parser.add_argument("--json", type=Path, help="also write the full report as JSON here")

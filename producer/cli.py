@@ -191,6 +191,60 @@ def discover(server: str | None, as_json: bool) -> None:
         sys.exit(EXIT_FAILED)
 
 
+@cli.command()
+@click.argument("server", required=False)
+@click.option("--json", "as_json", is_flag=True, help="Print JSON for scripts.")
+@click.option("--wait", type=float, default=60.0, show_default=True, help="Seconds to wait for a worker.")
+def health(server: str | None, as_json: bool, wait: float) -> None:
+    """Ping every enabled server (a real MCP round trip, from a worker)."""
+    try:
+        answer = _queue().health(server, wait=wait)
+    except _redis_errors() as exc:
+        _unreachable(exc)
+    if not answer.get("ok"):
+        _fail(str(answer.get("error")), EXIT_FAILED)
+    report: dict[str, Any] = answer["result"]
+    if as_json:
+        _print_json(report)
+    else:
+        rows = [
+            {
+                "server": name,
+                "healthy": "yes" if r["healthy"] else "NO",
+                "latency ms": r.get("latency_ms"),
+                "protocol": r.get("protocol_version"),
+                "error": r.get("error"),
+            }
+            for name, r in report.items()
+        ]
+        _table(rows, ["server", "healthy", "latency ms", "protocol", "error"])
+    if not all(r["healthy"] for r in report.values()):
+        sys.exit(EXIT_FAILED)
+
+
+@cli.command()
+@click.argument("server")
+def reconnect(server: str) -> None:
+    """Make every worker drop and reopen its sessions to SERVER, and re-list its tools."""
+    try:
+        answer = _queue().reconnect(server)
+    except ServerNotFoundError as exc:
+        _fail(exc.message, EXIT_FAILED)
+    except _redis_errors() as exc:
+        _unreachable(exc)
+    click.echo(f"{server}: every worker will reconnect within a second (epoch {answer['epoch']})")
+
+
+@cli.command()
+@click.option("--host", default="127.0.0.1", show_default=True)
+@click.option("--port", default=8000, show_default=True, type=int)
+def api(host: str, port: int) -> None:
+    """Serve the HTTP API (admin endpoints need MCPQ_ADMIN_TOKEN)."""
+    from producer.api import serve
+
+    serve(host, port)
+
+
 @cli.group(invoke_without_command=True)
 @click.option("--json", "as_json", is_flag=True, help="Print JSON for scripts.")
 @click.pass_context
@@ -276,6 +330,15 @@ def demo(keep: bool) -> None:
     from producer.demo import run_demo
 
     sys.exit(run_demo(keep=keep))
+
+
+def _add_batch_command() -> None:
+    from producer.batch import batch
+
+    cli.add_command(batch)
+
+
+_add_batch_command()
 
 
 def main(argv: Sequence[str] | None = None) -> None:

@@ -21,9 +21,10 @@ from worker.breaker import breaker_status, reset_breaker
 from worker.celery import make_app
 from worker.errors import ErrorCode, MCPConnectionError, MCPTimeoutError, ServerNotFoundError
 from worker.keys import Keys
+from worker.redact import describe_call
 from worker.result import ToolResult
 from worker.settings import Settings, redact_url
-from worker.task_names import CALL_TOOL, DISCOVER, HEALTH, RECONNECT
+from worker.task_names import CALL_TOOL, DISCOVER, HEALTH
 
 #: Extra wait beyond the call's own deadline: queueing, connect, result write.
 RESULT_GRACE = 10.0
@@ -84,6 +85,7 @@ class ToolQueue:
         self.settings = settings or Settings.from_env()
         self.app = app or make_app(self.settings)
         self.keys = Keys(self.settings.key_prefix)
+        self._secret_patterns = self.settings.secret_pattern_list()
         self._redis: redis.Redis | None = None
 
     @classmethod
@@ -131,9 +133,10 @@ class ToolQueue:
                 queue=queue or self.settings.queue,
                 retry=True,
                 retry_policy=PUBLISH_RETRY,
-                # Flower and logs show the tool, never argument values.
+                # Flower and logs show the tool and the arguments with secret
+                # values masked; the broker message itself still holds them.
                 argsrepr="()",
-                kwargsrepr=json.dumps({"tool": label}),
+                kwargsrepr=describe_call(label, arguments or {}, self._secret_patterns),
             )
         except OperationalError as exc:
             raise MCPConnectionError(
@@ -198,8 +201,18 @@ class ToolQueue:
     def health(self, server: str | None = None, wait: float = 60.0) -> dict[str, Any]:
         return self._admin(HEALTH, wait, server=server)
 
-    def reconnect(self, server: str, wait: float = 30.0) -> dict[str, Any]:
-        return self._admin(RECONNECT, wait, server=server)
+    def reconnect(self, server: str) -> dict[str, Any]:
+        """Make every worker process drop and reopen its sessions to ``server``
+        (and re-list its tools). Workers notice within about a second."""
+        self._known_server(server)
+        epoch = self.redis.hincrby(self.keys.epochs, server, 1)
+        return {"server": server, "epoch": int(epoch)}
+
+    def _known_server(self, server: str) -> None:
+        if not self.redis.hexists(self.keys.servers, server):
+            raise ServerNotFoundError(
+                f"no server named {server!r} is known to the fleet", details={"server": server}
+            )
 
     # -- shared state (read from Redis, no worker needed) ---------------------------
     def servers(self) -> list[dict[str, Any]]:
@@ -238,10 +251,7 @@ class ToolQueue:
 
     def reset_breaker(self, server: str) -> bool:
         """Close ``server``'s breaker for the whole fleet."""
-        if not self.redis.hexists(self.keys.servers, server):
-            raise ServerNotFoundError(
-                f"no server named {server!r} is known to the fleet", details={"server": server}
-            )
+        self._known_server(server)
         return reset_breaker(self.redis, self.keys, server)
 
     def wait_for_worker(self, timeout: float = 30.0) -> list[str]:

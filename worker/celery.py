@@ -37,6 +37,10 @@ def make_app(settings: Settings | None = None) -> Celery:
         worker_pool="threads",
         worker_concurrency=settings.worker_concurrency,
         broker_connection_retry_on_startup=True,
+        # Flower sees every call: sent, started, succeeded (events are JSON;
+        # the producer's kwargsrepr keeps argument secrets out of them).
+        worker_send_task_events=True,
+        task_send_sent_event=True,
         task_track_started=True,
         result_extended=False,
     )

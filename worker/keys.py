@@ -48,5 +48,7 @@ class Keys:
         """String: the GCRA theoretical arrival time (ms) of the server's rate limit."""
         return f"{self.prefix}rate:{server}"
 
-    def reconnect_epoch(self, server: str) -> str:
-        return f"{self.prefix}server:{server}:epoch"
+    @property
+    def epochs(self) -> str:
+        """Hash: server -> reconnect epoch; bumping it makes every worker reopen its sessions."""
+        return f"{self.prefix}epochs"

@@ -70,6 +70,7 @@ class MCPClientManager:
             protocol_memory=remembered,
         )
         self.discovery = Discovery(self.registry, self.pool)
+        self.registry.on_reconnect = self._reconnect_local
         self.guard = ServerGuard(self.redis, self.keys)
         self.router = ToolRouter(config, self.registry, self.pool, self.discovery, self.guard)
         self.registry.publish_servers()
@@ -188,9 +189,15 @@ class MCPClientManager:
         return reset_breaker(self.redis, self.keys, server)
 
     def reconnect(self, server: str) -> dict[str, Any]:
-        self.registry.get(server)
+        """Ask every worker process in the fleet to reopen its sessions to ``server``."""
+        epoch = self.registry.bump_epoch(server)
+        self._reconnect_local(server)
+        return {"server": server, "epoch": epoch, "pid": os.getpid()}
+
+    def _reconnect_local(self, server: str) -> None:
+        log.info("reconnecting to %r (fleet-wide reconnect)", server)
         self.pool.run(self.pool.reconnect(server), timeout=30)
-        return {"server": server, "reconnected": True, "pid": os.getpid()}
+        self.pool.loop_call(self.discovery.refresh_soon, server)
 
     def close(self) -> None:
         self.pool.close()

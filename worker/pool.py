@@ -173,6 +173,12 @@ class Session:
             )
         return ProtocolChoice("legacy")
 
+    async def close_when_idle(self, grace: float) -> None:
+        deadline = time.monotonic() + grace
+        while self.in_flight and time.monotonic() < deadline:
+            await asyncio.sleep(0.05)
+        await self.close()
+
     async def close(self) -> None:
         self.broken = True
         self._closing.set()
@@ -192,7 +198,6 @@ class ServerSlots:
         self._failures = 0
         self._retry_at = 0.0
         self._last_error: MCPError | None = None
-        self.epoch = 0
 
     def _healthy(self) -> list[Session]:
         alive = [s for s in self.sessions if s.usable]
@@ -254,6 +259,13 @@ class ServerSlots:
         sessions, self.sessions = self.sessions, []
         await asyncio.gather(*(s.close() for s in sessions), return_exceptions=True)
 
+    def retire_all(self) -> None:
+        sessions, self.sessions = self.sessions, []
+        self._failures, self._retry_at, self._last_error = 0, 0.0, None
+        for session in sessions:
+            session.broken = True  # no new calls; in-flight ones keep their session
+            self.pool.spawn(session.close_when_idle(self.config.timeout + self.config.connect_timeout))
+
     async def close_idle(self, idle_for: float) -> None:
         cutoff = time.monotonic() - idle_for
         for s in [s for s in self.sessions if s.in_flight == 0 and s.last_used < cutoff]:
@@ -286,6 +298,10 @@ class ConnectionPool:
     # -- entry points for task threads -----------------------------------------
     def run(self, coro: Coroutine[Any, Any, T], timeout: float | None = None) -> T:
         return self._loop.run(coro, timeout)
+
+    def loop_call(self, fn: Callable[..., Any], *args: Any) -> None:
+        """Schedule a plain function on the loop thread (it may spawn tasks there)."""
+        self._loop.loop.call_soon_threadsafe(fn, *args)
 
     # -- protocol memory -------------------------------------------------------
     def protocol_choice(self, config: MCPServerConfig) -> ProtocolChoice:
@@ -372,11 +388,10 @@ class ConnectionPool:
         raise AssertionError("unreachable")
 
     async def reconnect(self, server: str) -> None:
-        """Drop every session to ``server``; the next call connects afresh."""
+        """Retire every session to ``server``: new calls connect afresh, calls
+        in flight finish on the old session, which closes once they have."""
         slots = self._slots_for(server)
-        slots.epoch += 1
-        slots._retry_at = 0.0
-        await slots.close()
+        slots.retire_all()
 
     def open_sessions(self) -> dict[str, int]:
         return {name: len([s for s in slots.sessions if s.usable]) for name, slots in self._slots.items()}

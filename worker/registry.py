@@ -16,6 +16,7 @@ import json
 import logging
 import threading
 import time
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -91,6 +92,9 @@ class MCPServerRegistry:
         self._next_version_check = 0.0
         self._rebuild = client.register_script(_REBUILD_MAP)
         self._redis_down_logged = False
+        self._epochs: dict[str, int] | None = None
+        #: Called (in the calling thread) with a server name when the fleet was asked to reconnect it.
+        self.on_reconnect: Callable[[str], None] | None = None
 
     # -- configs -------------------------------------------------------------
     @property
@@ -183,10 +187,20 @@ class MCPServerRegistry:
         if not force and now < self._next_version_check:
             return
         self._next_version_check = now + VERSION_CHECK_INTERVAL
-        raw = self._redis_call("checking the tools version", self.redis.get, self.keys.tools_version)
-        if raw is None:
+
+        def check() -> list[Any]:
+            pipe = self.redis.pipeline(transaction=False)
+            pipe.get(self.keys.tools_version)
+            pipe.hgetall(self.keys.epochs)
+            return list(pipe.execute())
+
+        replies = self._redis_call("checking the tools version", check)
+        if replies is None:
             return
-        version = int(raw)
+        self._apply_epochs(replies[1])
+        if replies[0] is None:
+            return
+        version = int(replies[0])
         if not force and version == self._seen_version:
             return
         names = list(self.servers)
@@ -206,6 +220,25 @@ class MCPServerRegistry:
                         shared.info = mine.info
                     self._toolsets[name] = shared
             self._seen_version = version
+
+    def _apply_epochs(self, raw: dict[Any, Any]) -> None:
+        """Fleet-wide reconnect: a server whose epoch moved gets its sessions
+        dropped in this process (the check rides on the version check)."""
+        epochs = {(k.decode() if isinstance(k, bytes) else k): int(v) for k, v in raw.items()}
+        with self._lock:
+            first = self._epochs is None
+            moved = [] if first else [s for s, n in epochs.items() if n != (self._epochs or {}).get(s, 0)]
+            self._epochs = epochs
+        for server in moved:
+            if server in self.servers and self.on_reconnect is not None:
+                self.on_reconnect(server)
+
+    def bump_epoch(self, server: str) -> int | None:
+        self.get(server)
+        value = self._redis_call(
+            "asking the fleet to reconnect", self.redis.hincrby, self.keys.epochs, server, 1
+        )
+        return None if value is None else int(value)
 
     def toolset(self, server: str, *, refresh: bool = False) -> ToolSet | None:
         self._maybe_reload(force=refresh)

@@ -26,6 +26,12 @@ class Settings:
     worker_concurrency: int = 32
     result_expires: int = 86_400
     admin_token: str | None = field(default=None, repr=False)
+    #: Argument names containing any of these (comma-separated, case-insensitive)
+    #: have their values masked wherever a call is described (Flower, logs).
+    secret_patterns: str = "token,password,passwd,secret,key,authorization,credential,cookie"
+
+    def secret_pattern_list(self) -> list[str]:
+        return [p.strip() for p in self.secret_patterns.split(",") if p.strip()]
 
     @classmethod
     def from_env(cls, env: Mapping[str, str] | None = None) -> Settings:
