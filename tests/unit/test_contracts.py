@@ -227,6 +227,7 @@ ALL_ENV = {
     "MCPQ_WORKER_CONCURRENCY": "8",
     "MCPQ_RESULT_EXPIRES": "3600",
     "MCPQ_ADMIN_TOKEN": "tok-abc",
+    "MCPQ_SECRET_PATTERNS": "token, pin ,",
 }
 
 
@@ -255,6 +256,7 @@ def test_settings_read_every_variable() -> None:
     assert isinstance(settings.worker_concurrency, int)
     assert settings.result_expires == 3600
     assert settings.admin_token == "tok-abc"
+    assert settings.secret_pattern_list() == ["token", "pin"]
 
 
 def test_every_field_has_a_variable() -> None:
