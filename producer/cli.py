@@ -303,11 +303,13 @@ def breakers_reset(server: str) -> None:
 @click.argument("celery_args", nargs=-1, type=click.UNPROCESSED)
 def worker(concurrency: int | None, pool: str, loglevel: str, celery_args: tuple[str, ...]) -> None:
     """Start a worker (celery -A worker worker) after checking the config."""
+    from worker.budgets import check_time_budgets
     from worker.config import load_config
 
     settings = Settings.from_env()
     try:
         config = load_config(settings.config_path)
+        check_time_budgets(settings, config)
     except ConfigError as exc:
         _fail(exc.message, EXIT_USAGE)
     click.echo(

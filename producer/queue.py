@@ -19,7 +19,13 @@ from kombu.exceptions import OperationalError
 
 from worker.breaker import breaker_status, reset_breaker
 from worker.celery import make_app
-from worker.errors import ErrorCode, MCPConnectionError, MCPTimeoutError, ServerNotFoundError
+from worker.errors import (
+    ErrorCode,
+    InvalidArgumentsError,
+    MCPConnectionError,
+    MCPTimeoutError,
+    ServerNotFoundError,
+)
 from worker.keys import Keys
 from worker.redact import describe_call
 from worker.result import ToolResult
@@ -125,6 +131,12 @@ class ToolQueue:
         if idempotency_key is not None:
             kwargs["idempotency_key"] = idempotency_key
         label = f"{server}/{tool}" if server else tool
+        wait_hint = (timeout if timeout is not None else self.settings.default_timeout) + RESULT_GRACE
+        if idempotency_key is not None:
+            first = self._first_with_key(idempotency_key, task_id, tool, arguments, server)
+            if first is not None:
+                # Same key, same call, within the window: the first call's result is this one's.
+                return CallHandle(AsyncResult(first, app=self.app), label, wait_hint)
         try:
             async_result = self.app.send_task(
                 CALL_TOOL,
@@ -144,8 +156,33 @@ class ToolQueue:
                 "set MCPQ_BROKER_URL or start Redis",
                 details={"broker": redact_url(self.settings.broker_url)},
             ) from None
-        wait_hint = (timeout if timeout is not None else self.settings.default_timeout) + RESULT_GRACE
         return CallHandle(async_result, label, wait_hint)
+
+    def _first_with_key(
+        self, key: str, task_id: str, tool: str, arguments: dict[str, Any] | None, server: str | None
+    ) -> str | None:
+        """Record ``task_id`` as the call for ``key``; return the earlier call's id
+        if the key is already taken (SET NX: exactly one submit wins a race)."""
+        fingerprint = json.dumps([tool, server, arguments or {}], sort_keys=True, default=str)
+        doc = json.dumps({"task_id": task_id, "call": fingerprint})
+        window_ms = int(self.settings.idempotency_window * 1000)
+        name = f"{self.keys.idempotency}{key}"
+        try:
+            if self.redis.set(name, doc, nx=True, px=window_ms):
+                return None
+            raw = self.redis.get(name)
+        except redis.RedisError as exc:
+            raise MCPConnectionError(f"cannot check idempotency key {key!r} in Redis: {exc}") from None
+        if raw is None:  # expired between SET and GET: this submit starts a new window
+            return self._first_with_key(key, task_id, tool, arguments, server)
+        earlier = json.loads(raw)
+        if earlier.get("call") != fingerprint:
+            raise InvalidArgumentsError(
+                f"idempotency key {key!r} was already used for a different call "
+                "(another tool, server or arguments); use a new key",
+                details={"idempotency_key": key, "task_id": earlier.get("task_id")},
+            )
+        return str(earlier["task_id"])
 
     def call(
         self,
@@ -173,7 +210,7 @@ class ToolQueue:
                 queue=queue,
             )
             return handle.result(wait)
-        except (MCPConnectionError, MCPTimeoutError) as exc:
+        except (MCPConnectionError, MCPTimeoutError, InvalidArgumentsError) as exc:
             return ToolResult.failure(label, exc, request_id=request_id)
 
     def get(self, task_id: str, tool: str = "?") -> CallHandle:

@@ -28,7 +28,7 @@ from worker.keys import Keys
 log = logging.getLogger(__name__)
 
 Outcome = Literal["success", "failure", "ignore"]
-Decision = Literal["allow", "probe", "reject", "limited"]
+Decision = Literal["allow", "probe", "reject", "limited", "done", "busy", "orphaned"]
 
 #: After Redis fails, wait this long before trying it again (calls in between
 #: use the local breaker without paying a connect timeout each).
@@ -69,6 +69,17 @@ class BreakerPolicy:
 
 
 @dataclass(frozen=True, slots=True)
+class Claim:
+    """One delivery's execution claim: taken in ``admit``, closed in ``complete``."""
+
+    key: str
+    owner: str
+    idempotent: bool
+    lease: float  # seconds without a heartbeat before the owner counts as dead
+    ttl: float  # how long a finished call's result is kept for redeliveries
+
+
+@dataclass(frozen=True, slots=True)
 class Admission:
     decision: Decision
     state: str
@@ -76,6 +87,7 @@ class Admission:
     reason: str
     token: str
     shared: bool  # decided by the fleet's Redis state, not the local fallback
+    stored: str = ""  # with decision "done": the finished call's ToolResult JSON
 
     @property
     def admitted(self) -> bool:
@@ -179,12 +191,19 @@ class ServerGuard:
             return self._local.setdefault(server, LocalBreaker())
 
     # -- the two round trips ---------------------------------------------------------
-    def admit(self, server: str, policy: BreakerPolicy, token: str, lease_ttl: float) -> Admission:
+    def admit(
+        self, server: str, policy: BreakerPolicy, token: str, lease_ttl: float, claim: Claim | None = None
+    ) -> Admission:
         if self._redis_usable():
             rate_calls, rate_period = policy.rate or (0, 0.0)
             try:
                 raw = self._admit(
-                    keys=[self.keys.breaker(server), self.keys.inflight(server), self.keys.rate(server)],
+                    keys=[
+                        self.keys.breaker(server),
+                        self.keys.inflight(server),
+                        self.keys.rate(server),
+                        claim.key if claim else self.keys.breaker(server),
+                    ],
                     args=[
                         token,
                         int(lease_ttl * 1000) + 1,
@@ -192,14 +211,18 @@ class ServerGuard:
                         policy.max_concurrency or 0,
                         rate_calls,
                         int(rate_period * 1000),
+                        claim.owner if claim else "",
+                        int(claim.lease * 1000) if claim else 0,
+                        int(claim.ttl * 1000) if claim else 0,
+                        "1" if claim and claim.idempotent else "0",
                     ],
                 )
             except (redis.ConnectionError, redis.TimeoutError) as exc:
                 self._redis_failed(exc)
             else:
                 self._redis_ok()
-                decision, state, retry_ms, reason = (_text(v) for v in raw)
-                return Admission(decision, state, int(retry_ms) / 1000, reason, token, True)  # type: ignore[arg-type]
+                decision, state, retry_ms, reason, stored = (_text(v) for v in raw)
+                return Admission(decision, state, int(retry_ms) / 1000, reason, token, True, stored)  # type: ignore[arg-type]
         with self._lock:
             decision, state, retry_after, reason = self._local_for(server).admit(policy, token, lease_ttl)
         return Admission(decision, state, retry_after, reason, token, False)
@@ -212,6 +235,9 @@ class ServerGuard:
         outcome: Outcome,
         elapsed: float,
         error_code: str = "",
+        *,
+        claim: Claim | None = None,
+        result_json: str = "",
     ) -> str:
         """Record the outcome; returns the breaker state after it."""
         if (
@@ -224,7 +250,11 @@ class ServerGuard:
         if admission.shared and self._redis_usable():
             try:
                 raw = self._complete(
-                    keys=[self.keys.breaker(server), self.keys.inflight(server)],
+                    keys=[
+                        self.keys.breaker(server),
+                        self.keys.inflight(server),
+                        claim.key if claim else self.keys.breaker(server),
+                    ],
                     args=[
                         admission.token,
                         outcome,
@@ -235,6 +265,9 @@ class ServerGuard:
                         policy.minimum_calls,
                         int(policy.window_seconds * 1000),
                         error_code,
+                        claim.owner if claim else "",
+                        result_json,
+                        int(claim.ttl * 1000) if claim else 0,
                     ],
                 )
             except (redis.ConnectionError, redis.TimeoutError) as exc:

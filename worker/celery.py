@@ -36,6 +36,16 @@ def make_app(settings: Settings | None = None) -> Celery:
         # one MCP session per server, beat one process per call.
         worker_pool="threads",
         worker_concurrency=settings.worker_concurrency,
+        # Delivery: a message is acknowledged only after its call has a
+        # terminal result; a worker that dies returns its calls to the queue.
+        # Execution claims (worker/claims.py) make the redelivery safe.
+        task_acks_late=True,
+        task_reject_on_worker_lost=True,
+        worker_prefetch_multiplier=1,
+        worker_cancel_long_running_tasks_on_connection_loss=True,
+        task_soft_time_limit=settings.soft_time_limit,
+        task_time_limit=settings.time_limit,
+        broker_transport_options={"visibility_timeout": settings.visibility_timeout},
         broker_connection_retry_on_startup=True,
         # Flower sees every call: sent, started, succeeded (events are JSON;
         # the producer's kwargsrepr keeps argument secrets out of them).
@@ -48,6 +58,21 @@ def make_app(settings: Settings | None = None) -> Celery:
 
 
 app = make_app()
+
+
+@signals.worker_init.connect
+def _check_config(**_: Any) -> None:
+    """Refuse to start with a config that cannot be served safely."""
+    from worker.budgets import check_time_budgets
+    from worker.config import load_config
+    from worker.errors import ConfigError
+
+    settings = Settings.from_env()
+    try:
+        check_time_budgets(settings, load_config(settings.config_path))
+    except ConfigError as exc:
+        log.critical("mcpq worker refused to start: %s", exc.message)
+        raise SystemExit(2) from None
 
 
 @signals.worker_ready.connect

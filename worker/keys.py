@@ -48,6 +48,15 @@ class Keys:
         """String: the GCRA theoretical arrival time (ms) of the server's rate limit."""
         return f"{self.prefix}rate:{server}"
 
+    def claim(self, delivery: str) -> str:
+        """Hash: the execution claim of one attempt of one call (state, owner, heartbeat, result)."""
+        return f"{self.prefix}claim:{delivery}"
+
+    @property
+    def idempotency(self) -> str:
+        """Prefix of the keys that map caller idempotency keys to the first call's task id."""
+        return f"{self.prefix}idem:"
+
     @property
     def epochs(self) -> str:
         """Hash: server -> reconnect epoch; bumping it makes every worker reopen its sessions."""

@@ -21,6 +21,7 @@ from redis.backoff import NoBackoff
 from redis.retry import Retry
 
 from worker.breaker import ServerGuard, breaker_status, reset_breaker
+from worker.claims import ClaimKeeper
 from worker.config import MCPQConfig, load_config
 from worker.discovery import Discovery
 from worker.errors import MCPError
@@ -72,7 +73,10 @@ class MCPClientManager:
         self.discovery = Discovery(self.registry, self.pool)
         self.registry.on_reconnect = self._reconnect_local
         self.guard = ServerGuard(self.redis, self.keys)
-        self.router = ToolRouter(config, self.registry, self.pool, self.discovery, self.guard)
+        self.claims = ClaimKeeper(
+            self.redis, self.keys, lease=settings.claim_lease, ttl=max(settings.result_expires, 60.0)
+        )
+        self.router = ToolRouter(config, self.registry, self.pool, self.discovery, self.guard, self.claims)
         self.registry.publish_servers()
 
     # -- hooks from the loop ---------------------------------------------------
@@ -102,8 +106,18 @@ class MCPClientManager:
         server: str | None = None,
         timeout: float | None = None,
         request_id: str | None = None,
+        claim_key: str | None = None,
+        attempt: int = 1,
     ) -> ToolResult:
-        return self.router.call(tool, arguments, server=server, timeout=timeout, request_id=request_id)
+        return self.router.call(
+            tool,
+            arguments,
+            server=server,
+            timeout=timeout,
+            request_id=request_id,
+            claim_key=claim_key,
+            attempt=attempt,
+        )
 
     def discover(self, server: str | None = None) -> dict[str, Any]:
         names = [server] if server else self.registry.enabled_names()
@@ -200,6 +214,7 @@ class MCPClientManager:
         self.pool.loop_call(self.discovery.refresh_soon, server)
 
     def close(self) -> None:
+        self.claims.stop()
         self.pool.close()
         self._io.shutdown(wait=True, cancel_futures=False)
         self.redis.close()

@@ -17,7 +17,8 @@ from typing import Any
 
 from mcp import Client
 
-from worker.breaker import Admission, BreakerPolicy, ServerGuard
+from worker.breaker import Admission, BreakerPolicy, Claim, ServerGuard
+from worker.claims import CallInProgress, ClaimKeeper
 from worker.classify import Outcome, classify
 from worker.config import MCPQConfig, MCPServerConfig
 from worker.discovery import Discovery
@@ -29,6 +30,7 @@ from worker.errors import (
     MCPConnectionError,
     MCPError,
     MCPTimeoutError,
+    OutcomeUnknownError,
     ResultTooLargeError,
     ToolExecutionError,
     ToolNotFoundError,
@@ -70,12 +72,14 @@ class ToolRouter:
         pool: ConnectionPool,
         discovery: Discovery,
         guard: ServerGuard,
+        claims: ClaimKeeper,
     ) -> None:
         self.config = config
         self.registry = registry
         self.pool = pool
         self.discovery = discovery
         self.guard = guard
+        self.claims = claims
         self.policies = {name: BreakerPolicy.from_config(c) for name, c in config.mcp_servers.items()}
 
     # -- resolve -----------------------------------------------------------------
@@ -145,10 +149,12 @@ class ToolRouter:
         self._complete(config, admission, outcome, started)
         return failures
 
-    def _admit(self, config: MCPServerConfig, deadline: float) -> Admission:
+    def _admit(self, config: MCPServerConfig, deadline: float, claim: Claim | None = None) -> Admission:
         lease_ttl = max(deadline - time.monotonic(), 0.0) + config.connect_timeout + 5.0
-        admission = self.guard.admit(config.name, self.policies[config.name], uuid.uuid4().hex, lease_ttl)
-        if admission.admitted:
+        admission = self.guard.admit(
+            config.name, self.policies[config.name], uuid.uuid4().hex, lease_ttl, claim
+        )
+        if admission.admitted or admission.decision in ("done", "busy", "orphaned"):
             return admission
         wait = round(admission.retry_after, 3)
         if admission.decision == "reject":
@@ -171,7 +177,13 @@ class ToolRouter:
         return f"rate_limit {config.rate_limit}"
 
     def _complete(
-        self, config: MCPServerConfig, admission: Admission, outcome: Outcome | None, started: float
+        self,
+        config: MCPServerConfig,
+        admission: Admission,
+        outcome: Outcome | None,
+        started: float,
+        claim: Claim | None = None,
+        result: ToolResult | None = None,
     ) -> None:
         verdict = "success" if outcome is None else ("failure" if outcome.breaker_failure else "ignore")
         state = self.guard.complete(
@@ -181,6 +193,8 @@ class ToolRouter:
             verdict,  # type: ignore[arg-type]
             time.monotonic() - started,
             outcome.error.code.value if outcome else "",
+            claim=claim,
+            result_json=json.dumps(result.to_dict()) if result is not None else "",
         )
         if state == "open" and verdict == "failure":
             log.warning(
@@ -198,49 +212,104 @@ class ToolRouter:
         server: str | None = None,
         timeout: float | None = None,
         request_id: str | None = None,
+        claim_key: str | None = None,
+        attempt: int = 1,
     ) -> ToolResult:
+        """Run one call and return its ToolResult; never raises, except
+        :class:`CallInProgress` when another live worker holds the call's claim."""
         started = time.monotonic()
         target: Target | None = None
+        meta = {"request_id": request_id, "attempts": attempt}
         try:
             budget = timeout if timeout is not None else self.default_timeout(tool, server)
             deadline = started + budget
             target = self.resolve(tool, server, deadline)
             args = {} if arguments is None else arguments
             validate_arguments(target.tool, target.definition.get("inputSchema"), args)
-            admission = self._admit(target.server, deadline)
-            sent_at = time.monotonic()
+            claim = self.claims.claim(claim_key, self._idempotent(target)) if claim_key else None
+            admission = self._admit(target.server, deadline, claim)
+            if admission.decision in ("done", "busy", "orphaned"):
+                return self._redelivered(tool, target, admission, claim, started, meta)
+            self.claims.track(claim)
             try:
-                data = self._execute(target, args, deadline, budget)
-            except OutcomeError as exc:
-                self._complete(target.server, admission, exc.outcome, sent_at)
-                raise
-            except MCPError as exc:  # the pool could not connect: nothing was sent
-                self._complete(
-                    target.server, admission, classify(exc, target.server.name, "connect"), sent_at
-                )
-                raise
-            except BaseException:
-                self._complete(target.server, admission, _IGNORED, sent_at)
-                raise
-            self._complete(target.server, admission, None if not data.get("isError") else _IGNORED, sent_at)
-            return self._result(tool, target, data, started, request_id)
+                return self._send(tool, target, args, admission, claim, deadline, budget, started, meta)
+            finally:
+                self.claims.untrack(claim)
+        except CallInProgress:
+            raise
         except MCPError as exc:
-            if exc.details.get("phase") == "connect":
+            if exc.details.get("phase") in ("connect", "discovery"):
                 # Nothing reached the server, so trying again later is always safe.
                 exc.details.setdefault("retry_safe", isinstance(exc, MCPConnectionError | MCPTimeoutError))
-            return self._failure(tool, target, exc, started, request_id)
-        except OutcomeError as exc:
-            outcome = exc.outcome
-            idempotent = target is not None and self._idempotent(target)
-            outcome.error.details["retry_safe"] = outcome.retryable and (
-                not outcome.maybe_executed or idempotent
-            )
-            outcome.error.details["may_have_run"] = outcome.maybe_executed
-            return self._failure(tool, target, outcome.error, started, request_id)
+            return self._failure(tool, target, exc, started, meta)
         except Exception as exc:  # the task must always end with a ToolResult
             log.exception("internal error routing %r", tool)
             err = InternalError(f"mcpq failed while calling {tool!r}: {type(exc).__name__}: {exc}")
-            return self._failure(tool, target, err, started, request_id)
+            return self._failure(tool, target, err, started, meta)
+
+    def _send(
+        self,
+        tool: str,
+        target: Target,
+        args: dict[str, Any],
+        admission: Admission,
+        claim: Claim | None,
+        deadline: float,
+        budget: float,
+        started: float,
+        meta: dict[str, Any],
+    ) -> ToolResult:
+        sent_at = time.monotonic()
+        outcome: Outcome | None
+        try:
+            data = self._execute(target, args, deadline, budget)
+        except OutcomeError as exc:
+            outcome = exc.outcome
+            outcome.error.details["retry_safe"] = outcome.retryable and (
+                not outcome.maybe_executed or self._idempotent(target)
+            )
+            outcome.error.details["may_have_run"] = outcome.maybe_executed
+            result = self._failure(tool, target, outcome.error, started, meta)
+        except MCPError as exc:  # the pool could not connect: nothing was sent
+            outcome = classify(exc, target.server.name, "connect")
+            exc.details.setdefault("retry_safe", outcome.retryable)
+            result = self._failure(tool, target, exc, started, meta)
+        except BaseException:
+            self._complete(target.server, admission, _IGNORED, sent_at)
+            raise
+        else:
+            outcome = _IGNORED if data.get("isError") else None
+            result = self._result(tool, target, data, started, meta)
+        self._complete(target.server, admission, outcome, sent_at, claim, result)
+        return result
+
+    def _redelivered(
+        self,
+        tool: str,
+        target: Target,
+        admission: Admission,
+        claim: Claim | None,
+        started: float,
+        meta: dict[str, Any],
+    ) -> ToolResult:
+        """A delivery of a call that an earlier delivery already claimed."""
+        if admission.decision == "done":
+            stored = ToolResult.from_dict(json.loads(admission.stored))
+            stored.details["redelivered"] = True
+            log.info("call %s was already answered; returning its stored result", meta["request_id"])
+            return stored
+        if admission.decision == "busy":
+            raise CallInProgress(admission.reason, admission.retry_after)
+        assert claim is not None
+        err = OutcomeUnknownError(
+            f"the call to {target.tool!r} on {target.server.name!r} was running on worker "
+            f"{admission.reason!r}, which stopped before reporting its outcome; it may or may not have run, "
+            "and it was not repeated because the tool is not marked idempotent",
+            details={"worker": admission.reason, "server": target.server.name},
+        )
+        result = self._failure(tool, target, err, started, meta)
+        log.warning("call %s: %s", meta["request_id"], err.message)
+        return self.claims.finish(claim, result)
 
     def default_timeout(self, tool: str, server: str | None) -> float:
         name, server = split_qualified(tool, server)
@@ -272,7 +341,7 @@ class ToolRouter:
 
     # -- results -------------------------------------------------------------------
     def _result(
-        self, tool: str, target: Target, data: dict[str, Any], started: float, request_id: str | None
+        self, tool: str, target: Target, data: dict[str, Any], started: float, meta: dict[str, Any]
     ) -> ToolResult:
         elapsed = (time.monotonic() - started) * 1000
         size = len(json.dumps(data, separators=(",", ":")))
@@ -282,7 +351,7 @@ class ToolRouter:
                 f"max_result_bytes ({self.config.max_result_bytes}); the result was dropped",
                 details={"size": size, "limit": self.config.max_result_bytes},
             )
-            return self._failure(tool, target, err, started, request_id)
+            return self._failure(tool, target, err, started, meta)
         if data.get("isError"):
             text = " ".join(
                 str(c.get("text", "")) for c in data.get("content", []) if c.get("type") == "text"
@@ -294,14 +363,14 @@ class ToolRouter:
                 server_name=target.server.name,
                 data=data,
                 execution_time_ms=round(elapsed, 3),
-                request_id=request_id,
+                **meta,
             )
         return ToolResult.ok(
-            target.tool, target.server.name, data, execution_time_ms=round(elapsed, 3), request_id=request_id
+            target.tool, target.server.name, data, execution_time_ms=round(elapsed, 3), **meta
         )
 
     def _failure(
-        self, tool: str, target: Target | None, error: MCPError, started: float, request_id: str | None
+        self, tool: str, target: Target | None, error: MCPError, started: float, meta: dict[str, Any]
     ) -> ToolResult:
         if target is not None:
             error.message = scrub(error.message, target.server)
@@ -311,5 +380,5 @@ class ToolRouter:
             error,
             server_name=target.server.name if target else error.details.get("server"),
             execution_time_ms=round(elapsed, 3),
-            request_id=request_id,
+            **meta,
         )

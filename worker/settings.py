@@ -25,6 +25,15 @@ class Settings:
     default_timeout: float = 60.0
     worker_concurrency: int = 32
     result_expires: int = 86_400
+    #: Seconds without a heartbeat before a running call's worker counts as dead.
+    claim_lease: float = 30.0
+    #: Celery limits (prefork enforces them; threads rely on each call's deadline)
+    #: and the Redis transport's redelivery delay: call deadline < soft < hard < visibility.
+    soft_time_limit: float = 300.0
+    time_limit: float = 330.0
+    visibility_timeout: float = 3600.0
+    #: How long an idempotency key maps to its first call.
+    idempotency_window: float = 86_400.0
     admin_token: str | None = field(default=None, repr=False)
     #: Argument names containing any of these (comma-separated, case-insensitive)
     #: have their values masked wherever a call is described (Flower, logs).

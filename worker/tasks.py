@@ -15,6 +15,7 @@ from typing import Any
 from celery import Task
 
 from worker.celery import app
+from worker.claims import CallInProgress
 from worker.errors import ErrorCode, InternalError, InvalidArgumentsError, MCPError
 from worker.manager import get_manager
 from worker.result import ToolResult
@@ -87,8 +88,27 @@ def call_tool(
 
     if not isinstance(deadline_at, int | float):
         deadline_at = time.time() + (timeout or manager.router.default_timeout(tool, server))
-    result = manager.call_tool(tool, arguments, server=server, timeout=timeout, request_id=request_id)
-    result.attempts = attempt
+    # The claim names this attempt of this task: a redelivery of the same
+    # message finds it; a retry (a new attempt) takes a new one.
+    claim_key = f"{self.request.id}:{attempt}" if self.request.id else None
+    try:
+        result = manager.call_tool(
+            tool,
+            arguments,
+            server=server,
+            timeout=timeout,
+            request_id=request_id,
+            claim_key=claim_key,
+            attempt=attempt,
+        )
+    except CallInProgress as busy:
+        # A duplicate delivery while the first is still running: wait for it
+        # off-slot; the claim then holds the one result, or shows its owner died.
+        countdown = max(min(busy.retry_after, 5.0), 0.2)
+        raise self.retry(kwargs=dict(
+            tool=tool, arguments=arguments, server=server, timeout=timeout, request_id=request_id,
+            idempotency_key=idempotency_key, attempt=attempt, deadline_at=deadline_at, waits=waits,
+        ), countdown=countdown) from None  # fmt: skip
     again = dict(
         tool=tool, arguments=arguments, server=server, timeout=timeout, request_id=request_id,
         idempotency_key=idempotency_key, attempt=attempt, deadline_at=deadline_at, waits=waits,

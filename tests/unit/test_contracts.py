@@ -228,6 +228,11 @@ ALL_ENV = {
     "MCPQ_RESULT_EXPIRES": "3600",
     "MCPQ_ADMIN_TOKEN": "tok-abc",
     "MCPQ_SECRET_PATTERNS": "token, pin ,",
+    "MCPQ_CLAIM_LEASE": "7.5",
+    "MCPQ_SOFT_TIME_LIMIT": "100",
+    "MCPQ_TIME_LIMIT": "110",
+    "MCPQ_VISIBILITY_TIMEOUT": "120",
+    "MCPQ_IDEMPOTENCY_WINDOW": "60",
 }
 
 
@@ -257,6 +262,12 @@ def test_settings_read_every_variable() -> None:
     assert settings.result_expires == 3600
     assert settings.admin_token == "tok-abc"
     assert settings.secret_pattern_list() == ["token", "pin"]
+    assert (settings.claim_lease, settings.idempotency_window) == (7.5, 60.0)
+    assert (settings.soft_time_limit, settings.time_limit, settings.visibility_timeout) == (
+        100.0,
+        110.0,
+        120.0,
+    )
 
 
 def test_every_field_has_a_variable() -> None:

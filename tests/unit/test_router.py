@@ -18,6 +18,7 @@ import fakeredis
 import pytest
 
 from worker.breaker import BreakerPolicy, ServerGuard
+from worker.claims import ClaimKeeper
 from worker.config import MCPQConfig, parse_config
 from worker.errors import (
     AmbiguousToolError,
@@ -123,7 +124,8 @@ def world() -> World:
     # "late" is configured and enabled but not discovered yet.
     discovery = StandInDiscovery(registry)
     guard = ServerGuard(client, keys)
-    router = ToolRouter(config, registry, None, discovery, guard)  # type: ignore[arg-type]
+    claims = ClaimKeeper(client, keys, lease=30, ttl=60)
+    router = ToolRouter(config, registry, None, discovery, guard, claims)  # type: ignore[arg-type]
     return World(config, registry, discovery, guard, router)
 
 

@@ -1,10 +1,11 @@
 -- Record one call's outcome: release its concurrency slot and move the breaker.
 --
--- KEYS[1] breaker hash   KEYS[2] in-flight zset
+-- KEYS[1] breaker hash   KEYS[2] in-flight zset   KEYS[3] execution claim hash
 -- ARGV[1] token   ARGV[2] outcome: success | failure | ignore   ARGV[3] 1 if the call held a probe lease
 -- ARGV[4] threshold (consecutive failures)   ARGV[5] open timeout ms
 -- ARGV[6] failure rate threshold percent (0 = off)   ARGV[7] minimum calls   ARGV[8] window ms
 -- ARGV[9] error code of a failure (for status)
+-- ARGV[10] claim owner ('' = no claim)   ARGV[11] the ToolResult JSON   ARGV[12] claim ttl ms
 --
 -- Returns {state, consecutive_failures, note}
 
@@ -15,6 +16,13 @@ local threshold, timeout = tonumber(ARGV[4]), tonumber(ARGV[5])
 local rate_threshold, minimum_calls, window = tonumber(ARGV[6]), tonumber(ARGV[7]), tonumber(ARGV[8])
 
 redis.call('ZREM', KEYS[2], token)
+
+-- The claim is closed with the result first, whatever the breaker does next:
+-- from here on a redelivery returns this result instead of calling again.
+if ARGV[10] ~= '' and redis.call('HGET', KEYS[3], 'owner') == ARGV[10] then
+  redis.call('HSET', KEYS[3], 'state', 'done', 'result', ARGV[11], 'finished', now)
+  redis.call('PEXPIRE', KEYS[3], tonumber(ARGV[12]))
+end
 
 local state = redis.call('HGET', KEYS[1], 'state') or 'closed'
 
