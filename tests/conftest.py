@@ -45,8 +45,16 @@ def make_stack(redis_url: str, tmp_path: Path) -> Iterator[Callable[..., Any]]:
 
     stacks: list[Stack] = []
 
-    def make(servers: dict[str, dict[str, Any]], state_url: str | None = None, **top: Any) -> Stack:
-        stack = Stack(redis_url, tmp_path, servers, state_url=state_url, **top)
+    def make(
+        servers: dict[str, dict[str, Any]],
+        state_url: str | None = None,
+        broker_url: str | None = None,
+        env: dict[str, str] | None = None,
+        **top: Any,
+    ) -> Stack:
+        stack = Stack(
+            redis_url, tmp_path, servers, state_url=state_url, broker_url=broker_url, env=env, **top
+        )
         stacks.append(stack)
         return stack
 

@@ -274,9 +274,19 @@ class ServerGuard:
                 self._redis_failed(exc)
             else:
                 self._redis_ok()
-                return _text(raw[0])
+                state, note = _text(raw[0]), _text(raw[2])
+                if note in ("tripped", "rate_tripped", "probe_failed"):
+                    log.warning("circuit breaker for %r opened (%s, last error %s)", server, note, error_code)
+                elif note == "probe_succeeded":
+                    log.warning("circuit breaker for %r closed: the probe succeeded", server)
+                return state
         with self._lock:
-            return self._local_for(server).complete(policy, admission.token, outcome, probe, error_code)
+            local = self._local_for(server)
+            before = local.state
+            state = local.complete(policy, admission.token, outcome, probe, error_code)
+        if state != before:
+            log.warning("circuit breaker for %r (this process only) is now %s", server, state)
+        return state
 
 
 def _text(value: Any) -> str:

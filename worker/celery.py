@@ -45,7 +45,7 @@ def make_app(settings: Settings | None = None) -> Celery:
         worker_cancel_long_running_tasks_on_connection_loss=True,
         task_soft_time_limit=settings.soft_time_limit,
         task_time_limit=settings.time_limit,
-        broker_transport_options={"visibility_timeout": settings.visibility_timeout},
+        broker_transport_options=_transport_options(settings),
         broker_connection_retry_on_startup=True,
         # Flower sees every call: sent, started, succeeded (events are JSON;
         # the producer's kwargsrepr keeps argument secrets out of them).
@@ -55,6 +55,16 @@ def make_app(settings: Settings | None = None) -> Celery:
         result_extended=False,
     )
     return app
+
+
+def _transport_options(settings: Settings) -> dict[str, Any]:
+    if not settings.broker_url.startswith(("redis://", "rediss://", "redis+socket://")):
+        return {}  # AMQP redelivers at once when a consumer's connection drops
+    return {
+        "visibility_timeout": settings.visibility_timeout,
+        "unacked_restore_interval": settings.restore_interval,
+        "unacked_restore_throttle": 1,
+    }
 
 
 app = make_app()

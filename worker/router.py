@@ -186,7 +186,7 @@ class ToolRouter:
         result: ToolResult | None = None,
     ) -> None:
         verdict = "success" if outcome is None else ("failure" if outcome.breaker_failure else "ignore")
-        state = self.guard.complete(
+        self.guard.complete(
             config.name,
             self.policies[config.name],
             admission,
@@ -196,12 +196,6 @@ class ToolRouter:
             claim=claim,
             result_json=json.dumps(result.to_dict()) if result is not None else "",
         )
-        if state == "open" and verdict == "failure":
-            log.warning(
-                "circuit breaker for %r is open after %s",
-                config.name,
-                outcome.error.message if outcome else "",
-            )
 
     # -- call ----------------------------------------------------------------------
     def call(

@@ -32,6 +32,9 @@ class Settings:
     soft_time_limit: float = 300.0
     time_limit: float = 330.0
     visibility_timeout: float = 3600.0
+    #: How often a Redis-broker worker looks for unacknowledged messages of dead
+    #: workers (kombu's default sweep is about every 100 s).
+    restore_interval: float = 10.0
     #: How long an idempotency key maps to its first call.
     idempotency_window: float = 86_400.0
     admin_token: str | None = field(default=None, repr=False)

@@ -32,6 +32,8 @@ class Stack:
         workdir: Path,
         servers: Mapping[str, Mapping[str, Any]],
         state_url: str | None = None,
+        broker_url: str | None = None,
+        env: Mapping[str, str] | None = None,
         **top: Any,
     ) -> None:
         self.redis_url = redis_url
@@ -43,7 +45,7 @@ class Stack:
         )
         self.env = {
             **os.environ,
-            "MCPQ_BROKER_URL": f"{redis_url}/0",
+            "MCPQ_BROKER_URL": broker_url or f"{redis_url}/0",
             "MCPQ_RESULT_BACKEND": f"{redis_url}/1",
             "MCPQ_REDIS_URL": f"{state_url or redis_url}/2",
             "MCPQ_CONFIG": str(self.config_path),
@@ -51,6 +53,7 @@ class Stack:
             "MCPQ_KEY_PREFIX": f"mcpq-test-{self.tag}:",
             "PYTHONPATH": str(REPO_ROOT),
             "PYTHONUNBUFFERED": "1",
+            **(env or {}),
         }
         self.settings = Settings.from_env(self.env)
         self.queue = ToolQueue(self.settings)

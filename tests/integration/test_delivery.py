@@ -1,0 +1,277 @@
+"""Delivery guarantees, proven by killing things: every call ends with exactly
+one terminal result, and a call that may have reached its server runs again
+only when it is idempotent."""
+
+from __future__ import annotations
+
+import os
+import signal
+import time
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+import pytest
+import redis
+
+from tests.support.procs import (
+    pid_alive,
+    read_count,
+    start_test_server,
+    stdio_command_for_test_server,
+    wait_until,
+)
+from tests.support.stack import Stack
+
+pytestmark = [pytest.mark.integration, pytest.mark.timeout(300)]
+
+AMQP_URL = os.environ.get("MCPQ_TEST_AMQP_URL", "amqp://guest:guest@127.0.0.1:5672//")
+
+# Short budgets so that redelivery happens within the test:
+# call deadline (5 s + 5 s connect) < soft 12 < hard 13 < visibility 15; dead after 3 s without heartbeat.
+FAST = {
+    "MCPQ_SOFT_TIME_LIMIT": "12",
+    "MCPQ_TIME_LIMIT": "13",
+    "MCPQ_VISIBILITY_TIMEOUT": "15",
+    "MCPQ_RESTORE_INTERVAL": "1",
+    "MCPQ_CLAIM_LEASE": "3",
+}
+
+
+def stdio_entry(count_dir: Path, **fields: Any) -> dict[str, Any]:
+    command, args = stdio_command_for_test_server()
+    return {
+        "command": command,
+        "args": args,
+        "env": {"MCPQ_TEST_COUNT_DIR": str(count_dir)},
+        "timeout": 5,
+        "connect_timeout": 5,
+        "retry_attempts": 0,
+        **fields,
+    }
+
+
+def require_amqp() -> None:
+    import kombu
+
+    try:
+        with kombu.Connection(AMQP_URL, connect_timeout=3) as conn:
+            conn.connect()
+    except Exception as exc:
+        raise AssertionError(
+            f"RabbitMQ is needed at {AMQP_URL} (set MCPQ_TEST_AMQP_URL): {exc}; "
+            "install and start rabbitmq-server (`rabbitmq-server -detached`)"
+        ) from exc
+
+
+def test_a_duplicate_delivery_of_a_finished_call_returns_the_stored_result(
+    make_stack: Callable[..., Any], count_dir: Path
+) -> None:
+    stack = make_stack({"local": stdio_entry(count_dir)})
+    stack.start_worker()
+    first = stack.queue.submit("count", {"key": "dup"}, request_id="fixed-task-id-1")
+    assert first.result(30).structured == {"result": 1}
+    # The broker hands the same message (same task id) out again.
+    stack.queue.submit("count", {"key": "dup"}, request_id="fixed-task-id-1")
+    # Celery keeps the first SUCCESS in the backend; the worker's log shows
+    # that the second delivery was answered from the claim, not the server.
+    worker = stack.workers[0]
+    wait_until(
+        lambda: "call fixed-task-id-1 was already answered" in worker.log_tail(100_000),
+        30,
+        interval=0.05,
+        message="the second delivery was never answered",
+    )
+    assert stack.queue.get("fixed-task-id-1").result(10).structured == {"result": 1}
+    assert read_count(count_dir, "dup") == 1
+
+
+@pytest.mark.parametrize("broker", ["redis", "amqp"])
+@pytest.mark.parametrize("idempotent", [False, True])
+def test_sigkill_a_worker_mid_batch(
+    make_stack: Callable[..., Any], count_dir: Path, broker: str, idempotent: bool
+) -> None:
+    if broker == "amqp":
+        require_amqp()
+    n = 1000
+    stack: Stack = make_stack(
+        # An idempotent tool may be retried, which also rides out a call that
+        # timed out on this loaded two-core machine; a non-idempotent one may not.
+        {"local": stdio_entry(count_dir, idempotent=idempotent, retry_attempts=2 if idempotent else 0)},
+        broker_url=AMQP_URL if broker == "amqp" else None,
+        env=FAST,
+    )
+    if broker == "amqp":
+        stack.env["MCPQ_QUEUE"] = stack.settings.queue  # fresh, unique queue per test
+    victim = stack.start_worker(concurrency=8)
+    survivor = stack.start_worker(concurrency=8)
+    handles = [stack.queue.submit("slow_count", {"key": f"k{i}", "ms": 20}) for i in range(n)]
+
+    # Kill one worker while calls are in flight on it.
+    wait_until(lambda: sum(read_count(count_dir, f"k{i}") for i in range(0, n, 10)) >= 15, 60, interval=0.05)
+    victim.kill()
+
+    results = [h.result(120) for h in handles]
+    assert survivor.proc is not None and survivor.proc.poll() is None
+    executions = [read_count(count_dir, f"k{i}") for i in range(n)]
+    codes = [r.error_code or "ok" for r in results]
+    problems = {r.error for r in results if r.error_code not in (None, "outcome_unknown")}
+    if idempotent:
+        assert codes == ["ok"] * n, problems
+        assert all(e >= 1 for e in executions)
+    else:
+        # Every call is terminal; a deadline that passed under load is a legitimate end too.
+        assert set(codes) <= {"ok", "outcome_unknown", "timeout"}, problems
+        assert max(executions) <= 1, "a non-idempotent call ran twice"
+        unknown = [r for r in results if r.error_code == "outcome_unknown"]
+        assert len(unknown) <= 16  # at most what the killed worker had in flight
+        for r in unknown:
+            assert f"pid{victim.pid}" in r.error, r.error
+        assert all(e == 1 for e, c in zip(executions, codes, strict=True) if c == "ok")
+
+
+def test_stdio_server_killed_mid_batch(make_stack: Callable[..., Any], count_dir: Path) -> None:
+    stack = make_stack({"local": stdio_entry(count_dir, timeout=10, circuit_breaker_timeout=1)})
+    stack.start_worker(concurrency=8)
+    server_pid = stack.queue.call("pid", {}, timeout=10).structured["result"]
+    handles = [stack.queue.submit("slow_count", {"key": f"s{i}", "ms": 50}, timeout=10) for i in range(200)]
+    wait_until(lambda: read_count(count_dir, "s20") >= 1, 30, interval=0.02)
+    os.kill(server_pid, signal.SIGKILL)
+    results = [h.result(60) for h in handles]
+    codes = {r.error_code for r in results}
+    # In-flight calls fail with the server; enough of them at once open the breaker.
+    assert codes <= {None, "connection_error", "circuit_open"}, codes
+    assert any(r.error_code == "connection_error" for r in results), "no call saw the dead server"
+    assert all(read_count(count_dir, f"s{i}") <= 1 for i in range(200))
+    wait_until(
+        lambda: stack.queue.call("add", {"a": 1, "b": 2}, timeout=10).success,
+        20,
+        interval=0.2,
+        message="calls did not recover after the stdio server was killed",
+    )
+    assert not pid_alive(server_pid)
+    assert stack.queue.breakers()["local"]["failures"] == 0  # closed again after successes
+
+
+def test_http_server_restarted_mid_batch(make_stack: Callable[..., Any], count_dir: Path) -> None:
+    server = start_test_server("http", env={"MCPQ_TEST_COUNT_DIR": str(count_dir)})
+    try:
+        stack = make_stack(
+            {
+                "remote": {
+                    "url": server.url,
+                    "protocol": "legacy",
+                    "timeout": 10,
+                    "retry_attempts": 0,
+                    "circuit_breaker_timeout": 2,
+                }
+            }
+        )
+        stack.start_worker(concurrency=8)
+        handles = [
+            stack.queue.submit("slow_count", {"key": f"h{i}", "ms": 50}, timeout=10) for i in range(150)
+        ]
+        wait_until(lambda: read_count(count_dir, "h10") >= 1, 30, interval=0.02)
+        server.restart()
+        results = [h.result(60) for h in handles]
+        assert all(r.success or r.error_code in ("connection_error", "circuit_open") for r in results)
+        assert all(read_count(count_dir, f"h{i}") <= 1 for i in range(150))
+        failed = sum(not r.success for r in results)
+        status = stack.queue.breakers()["remote"]
+        if failed:  # the breaker saw the failures: counted, or tripped by them
+            assert status["failures"] > 0 or status["trips"] > 0, status
+        wait_until(
+            lambda: stack.queue.call("add", {"a": 1, "b": 2}, timeout=10).success,
+            20,
+            interval=0.2,
+            message="calls did not recover after the HTTP server restart",
+        )
+    finally:
+        server.stop()
+
+
+def test_state_redis_restarted_mid_batch(make_stack: Callable[..., Any], count_dir: Path) -> None:
+    from producer.embedded_redis import EmbeddedRedis
+
+    state = EmbeddedRedis().start()
+    port = state.port
+    try:
+        stack = make_stack({"local": stdio_entry(count_dir, timeout=10)}, state_url=state.url)
+        stack.start_worker(concurrency=8)
+        handles = [
+            stack.queue.submit("slow_count", {"key": f"r{i}", "ms": 20}, timeout=10) for i in range(300)
+        ]
+        wait_until(lambda: read_count(count_dir, "r30") >= 1, 30, interval=0.02)
+        state.stop()
+        state = EmbeddedRedis(port=port).start()
+        results = [h.result(60) for h in handles]
+        assert all(r.success for r in results), {r.error_code for r in results}
+        assert all(read_count(count_dir, f"r{i}") == 1 for i in range(300))
+    finally:
+        state.stop()
+
+
+def test_broker_connections_cut_mid_batch(
+    make_stack: Callable[..., Any], count_dir: Path, redis_url: str
+) -> None:
+    stack = make_stack({"local": stdio_entry(count_dir)}, env=FAST)
+    stack.start_worker(concurrency=8)
+    handles = [stack.queue.submit("slow_count", {"key": f"b{i}", "ms": 20}, timeout=10) for i in range(300)]
+    wait_until(lambda: read_count(count_dir, "b30") >= 1, 30, interval=0.02)
+    broker = redis.Redis.from_url(f"{redis_url}/0")
+    killed = broker.client_kill_filter(_type="normal", skipme=True)
+    assert killed > 0
+    results = [h.result(90) for h in handles]
+    codes = [r.error_code or "ok" for r in results]
+    assert set(codes) <= {"ok", "outcome_unknown"}, [r.error for r in results if r.error]
+    assert all(read_count(count_dir, f"b{i}") <= 1 for i in range(300)), "a call ran twice"
+
+
+def test_result_larger_than_max_result_bytes(make_stack: Callable[..., Any], count_dir: Path) -> None:
+    stack = make_stack({"local": stdio_entry(count_dir)}, max_result_bytes=10_000)
+    stack.start_worker()
+    small = stack.queue.call("big", {"n": 1000}, timeout=10)
+    assert small.success and len(small.text) == 1000
+    large = stack.queue.call("big", {"n": 50_000}, timeout=10)
+    assert large.error_code == "result_too_large"
+    assert large.data is None and "max_result_bytes" in large.error
+
+
+def test_idempotency_key_returns_the_first_result(make_stack: Callable[..., Any], count_dir: Path) -> None:
+    stack = make_stack({"local": stdio_entry(count_dir)})
+    stack.start_worker()
+    first = stack.queue.submit("count", {"key": "idem"}, idempotency_key="order-42")
+    second = stack.queue.submit("count", {"key": "idem"}, idempotency_key="order-42")
+    assert second.id == first.id
+    assert first.result(30).structured == second.result(30).structured == {"result": 1}
+    assert read_count(count_dir, "idem") == 1
+    other = stack.queue.call("count", {"key": "other"}, idempotency_key="order-42", timeout=10)
+    assert other.error_code == "invalid_arguments" and "different call" in other.error
+    fresh = stack.queue.call("count", {"key": "idem"}, idempotency_key="order-43", timeout=10)
+    assert fresh.structured == {"result": 2}
+
+
+def test_time_budgets_out_of_order_refuse_to_start(make_stack: Callable[..., Any], count_dir: Path) -> None:
+    import subprocess
+    import sys
+
+    stack = make_stack({"local": stdio_entry(count_dir, timeout=50)}, env={"MCPQ_SOFT_TIME_LIMIT": "30"})
+    run = subprocess.run(
+        [sys.executable, "-m", "producer.cli", "worker"],
+        env=stack.env,
+        capture_output=True,
+        text=True,
+        timeout=60,
+    )
+    assert run.returncode == 2
+    assert "MCPQ_SOFT_TIME_LIMIT" in run.stderr and "local" in run.stderr
+    started = time.monotonic()
+    direct = subprocess.run(
+        [sys.executable, "-m", "celery", "-A", "worker", "worker", "-P", "threads", "-Q", "never"],
+        env=stack.env,
+        capture_output=True,
+        text=True,
+        timeout=60,
+    )
+    assert direct.returncode == 2 and time.monotonic() - started < 60
+    assert "refused to start" in direct.stdout + direct.stderr
