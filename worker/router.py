@@ -219,7 +219,9 @@ class ToolRouter:
             deadline = started + budget
             target = self.resolve(tool, server, deadline)
             args = {} if arguments is None else arguments
-            validate_arguments(target.tool, target.definition.get("inputSchema"), args)
+            validate_arguments(
+                target.tool, target.definition.get("inputSchema"), args, self.config.secret_patterns
+            )
             claim = self.claims.claim(claim_key, self._idempotent(target)) if claim_key else None
             admission = self._admit(target.server, deadline, claim)
             if admission.decision in ("done", "busy", "orphaned"):

@@ -4,12 +4,14 @@ from __future__ import annotations
 
 import json
 import threading
+from collections.abc import Sequence
 from typing import Any
 
 from jsonschema import exceptions as js_exceptions
 from jsonschema import validators
 
 from worker.errors import InvalidArgumentsError
+from worker.redact import is_secret_key
 
 _MAX_LISTED = 5
 
@@ -42,7 +44,17 @@ def _where(error: js_exceptions.ValidationError) -> str:
     return f"at '{path.lstrip('.')}': " if path else ""
 
 
-def validate_arguments(tool: str, schema: dict[str, Any] | None, arguments: Any) -> None:
+def _problem(error: js_exceptions.ValidationError, secret_patterns: Sequence[str]) -> str:
+    path = [str(p) for p in error.absolute_path]
+    if any(is_secret_key(p, secret_patterns) for p in path):
+        # jsonschema quotes the offending value; a secret's value must not travel in a message.
+        return f"{_where(error)}the value fails '{error.validator}' (not shown: the name looks secret)"
+    return f"{_where(error)}{error.message}"
+
+
+def validate_arguments(
+    tool: str, schema: dict[str, Any] | None, arguments: Any, secret_patterns: Sequence[str] = ()
+) -> None:
     """Raise InvalidArgumentsError listing what is wrong, or return."""
     if not isinstance(arguments, dict):
         raise InvalidArgumentsError(
@@ -57,7 +69,7 @@ def validate_arguments(tool: str, schema: dict[str, Any] | None, arguments: Any)
     errors = sorted(validator.iter_errors(arguments), key=lambda e: list(e.absolute_path))
     if not errors:
         return
-    problems = [f"{_where(e)}{e.message}" for e in errors]
+    problems = [_problem(e, secret_patterns) for e in errors]
     shown = "; ".join(problems[:_MAX_LISTED])
     more = f" (and {len(problems) - _MAX_LISTED} more)" if len(problems) > _MAX_LISTED else ""
     raise InvalidArgumentsError(

@@ -180,3 +180,13 @@ def test_draft_is_taken_from_the_schema() -> None:
     validate_arguments("t", schema, {"n": 9})
     err = rejected(schema, {"n": 10}, tool="t")
     assert err.details["problems"][0].startswith("at 'n': 10 is greater than or equal to the maximum of 10")
+
+
+def test_values_of_secret_looking_fields_are_not_quoted() -> None:
+    schema = {"type": "object", "properties": {"api_key": {"type": "integer"}, "n": {"type": "integer"}}}
+    with pytest.raises(InvalidArgumentsError) as caught:
+        validate_arguments("t", schema, {"api_key": "SECRET-VALUE-1", "n": "visible"}, ["key", "token"])
+    message = caught.value.message
+    assert "SECRET-VALUE-1" not in message and "SECRET-VALUE-1" not in str(caught.value.details)
+    assert "at 'api_key': the value fails 'type'" in message
+    assert "'visible' is not of type 'integer'" in message  # other fields keep their detail
