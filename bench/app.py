@@ -18,6 +18,7 @@ the mcpq path share broker, backend, pool and configuration.
 from __future__ import annotations
 
 import contextlib
+import json
 import os
 import threading
 import time
@@ -35,10 +36,10 @@ from worker.task_names import CALL_TOOL
 ECHO_ARGS = {"text": "x"}
 
 
-if os.environ.get("BENCH_TRACK_STARTED") == "0":
-    # An experiment only (``python -m bench.latency --no-track-started``): mcpq's
-    # own configuration sets task_track_started=True.
-    app.conf.task_track_started = False
+# Experiments only (``python -m bench.latency --conf KEY=VALUE``): Celery settings
+# that override mcpq's own, in the producer and the worker alike.
+if os.environ.get("BENCH_CELERY_CONF"):
+    app.conf.update(json.loads(os.environ["BENCH_CELERY_CONF"]))
 
 
 @app.task(name="bench.noop")
@@ -203,8 +204,9 @@ def split(server: str, calls: int = 300, warmup: int = 30, rounds: int = 5) -> d
       the worker's loop: the SDK alone, on mcpq's own session, no thread hop.
     - ``empty_hop``: ``pool.run`` of a coroutine that returns at once.
     - ``state_redis_ping``: one PING on the manager's state Redis client.
-    - ``breaker_admit_complete``: the router's breaker round trips (admit, then
-      complete as success) when the router has a guard; absent otherwise.
+    - ``breaker_admit_complete``: the guard's two round trips (admit, then
+      complete as success) without an execution claim, so a little lighter
+      than a real call's; absent when the router has no guard.
     """
     from worker.manager import get_manager
 
@@ -317,7 +319,7 @@ def split(server: str, calls: int = 300, warmup: int = 30, rounds: int = 5) -> d
 
 def _cmdline(proc: psutil.Process) -> list[str]:
     try:
-        return proc.cmdline()
+        return list(proc.cmdline())
     except psutil.Error:
         return []
 

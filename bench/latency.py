@@ -1,23 +1,35 @@
 """Sequential latency of one echo call three ways, in one run, on one machine and broker.
 
-    python -m bench.latency [--calls N] [--warmup N] [--rounds R] [--redis-url URL] [--json FILE]
+    python -m bench.latency [--calls N] [--warmup N] [--redis-url URL] [--json FILE]
 
 1. direct:  ``mcp.Client`` on the stdio demo server, kept open, ``call_tool("echo")``
-            awaited N times in a row (the pooled SDK call, no queue).
+            awaited N times back to back (the pooled SDK call, no queue).
 2. floor:   a no-op Celery task (``bench.noop``), ``apply_async().get()`` N times
             in a row, through the same broker, backend and worker as mcpq.
 3. mcpq:    ``ToolQueue.call("echo", server="bench-stdio")`` N times in a row.
+4. direct_idle: the direct call again, but with ``--idle-gap-ms`` of idle time
+            before each call, as the stdio server has between two queued calls.
 
-The three paths run interleaved in ``--rounds`` blocks (each path N/R calls per
-round, order rotating) so slow drift on a shared machine hits them alike, after
-``--warmup`` calls each. The verdict is ``mcpq / (floor + direct)`` on medians.
+The paths run interleaved in ``--rounds`` blocks (each path N/R calls per round,
+order rotating) so drift on a shared machine hits them alike, after ``--warmup``
+calls each. The verdict is ``mcpq / (floor + direct)`` on medians (target 1.25).
 
-Afterwards (unless ``--no-split``) the worker times the layers of an mcpq call
-in-process (``bench.split``), and CPU per call is reported per process.
+Then, on the same worker:
+
+- a stage timeline (``--timeline N``, default 200 alternating floor/mcpq calls):
+  producer and worker timestamps on one clock (CLOCK_MONOTONIC), and the parts
+  of mcpq's task body timed in situ by wrappers that ``bench.app`` installs in
+  the worker (``BENCH_INSTRUMENT=0`` or ``--timeline 0`` leaves them out);
+- the isolated layers (``bench.split``, unless ``--no-split``): the same parts
+  called back to back inside the worker, with no queue around them;
+- CPU per call of every process involved, per path.
+
+Experiments (not mcpq's configuration; the header says so when used):
+``--pool prefork|solo``, ``--concurrency``, ``--conf KEY=JSON`` (a Celery setting).
 
 A private redis-server (``EmbeddedRedis``) carries broker (db 0), results (db 1)
 and state (db 2) unless ``--redis-url`` names one; every process started here
-is stopped on exit, error or Ctrl-C.
+is stopped on exit, error, Ctrl-C or SIGTERM.
 """
 
 from __future__ import annotations
@@ -62,10 +74,11 @@ REPO_ROOT = Path(__file__).resolve().parents[1]
 SERVER = "bench-stdio"
 ECHO_ARGS = {"text": "x"}
 DEMO_SERVER_ARGS = ["-m", "worker.demo_server", "stdio"]
-PATHS = ("direct", "floor", "mcpq")
+PATHS = ("direct", "floor", "mcpq", "direct_idle")
 WORKER_CONCURRENCY = 8
 CALL_TIMEOUT = 30.0
 TARGET_RATIO = 1.25
+IDLE_GAP_MS = 5.0
 
 
 # -- processes --------------------------------------------------------------------
@@ -75,9 +88,10 @@ class WorkerProcess:
     """One Celery worker on ``bench.app`` (threads pool by default), its own session and log file."""
 
     def __init__(self, env: dict[str, str], queue: str, concurrency: int, pool: str = "threads") -> None:
+        self.name = f"{queue}@{platform.node() or 'localhost'}"
         self.argv = [
             sys.executable, "-m", "celery", "-A", "bench.app", "worker",
-            "-P", pool, "-c", str(concurrency), "-Q", queue,
+            "-P", pool, "-c", str(concurrency), "-Q", queue, "-n", self.name,
             "--without-gossip", "--without-mingle", "--loglevel", "warning",
         ]  # fmt: skip
         self.env = env
@@ -113,8 +127,13 @@ class WorkerProcess:
         except OSError:
             return ""
 
-    def stop(self, grace: float = 20.0) -> None:
-        """Warm shutdown (SIGTERM; it closes its stdio server), then SIGKILL the group."""
+    def stop(self, grace: float | None = None) -> None:
+        """Warm shutdown (SIGTERM; it closes its stdio server), then SIGKILL the group.
+
+        After Ctrl-C the grace is short: a Ctrl-C is meant to end things quickly.
+        """
+        if grace is None:
+            grace = 5.0 if _interrupted else 20.0
         proc, self.proc = self.proc, None
         if proc is None:
             return
@@ -183,11 +202,13 @@ class DirectClient:
         finally:
             self.client = None
 
-    async def _series(self, n: int) -> list[float]:
+    async def _series(self, n: int, idle_s: float = 0.0) -> list[float]:
         client = self.client
         assert client is not None
         out: list[float] = []
         for _ in range(n):
+            if idle_s:
+                await asyncio.sleep(idle_s)  # both ends sit idle, as between queued calls
             t0 = time.perf_counter()
             result = await client.call_tool("echo", dict(ECHO_ARGS))
             out.append((time.perf_counter() - t0) * 1000)
@@ -195,9 +216,9 @@ class DirectClient:
                 raise RuntimeError(f"direct echo failed: {result}")
         return out
 
-    def series(self, n: int) -> list[float]:
-        fut = asyncio.run_coroutine_threadsafe(self._series(n), self.loop)
-        return fut.result(CALL_TIMEOUT * max(n, 1))
+    def series(self, n: int, idle_s: float = 0.0) -> list[float]:
+        fut = asyncio.run_coroutine_threadsafe(self._series(n, idle_s), self.loop)
+        return fut.result((CALL_TIMEOUT + idle_s) * max(n, 1))
 
     def close(self) -> None:
         if self.thread.is_alive():
@@ -218,7 +239,7 @@ class DirectClient:
 
 def _cmdline(proc: psutil.Process) -> list[str]:
     try:
-        return proc.cmdline()
+        return list(proc.cmdline())
     except psutil.Error:
         return []
 
@@ -277,6 +298,19 @@ def _bench_env(redis_base: str, config_path: Path, tag: str) -> dict[str, str]:
     }
 
 
+def _parse_overrides(items: list[str]) -> dict[str, Any]:
+    out: dict[str, Any] = {}
+    for item in items:
+        key, sep, raw = item.partition("=")
+        if not sep or not key:
+            raise SystemExit(f"--conf takes KEY=JSON, got {item!r}")
+        try:
+            out[key] = json.loads(raw)
+        except ValueError:
+            out[key] = raw
+    return out
+
+
 def _free_port() -> int:
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
@@ -319,7 +353,12 @@ def _git_state() -> str:
     return f"{head} + uncommitted changes in worker/ or producer/ (source sha256 {digest.hexdigest()[:12]})"
 
 
-def _raise_on_sigterm(signum: int, frame: FrameType | None) -> None:
+_interrupted = False
+
+
+def _interrupt(signum: int, frame: FrameType | None) -> None:
+    global _interrupted
+    _interrupted = True
     raise KeyboardInterrupt(f"signal {signum}")
 
 
@@ -348,6 +387,9 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
         config_path = workdir / "servers.yaml"
         _write_config(config_path)
         bench_env = _bench_env(redis_base, config_path, tag)
+        overrides = _parse_overrides(args.conf)
+        if overrides:
+            bench_env["BENCH_CELERY_CONF"] = json.dumps(overrides)
         # worker.celery builds its app from MCPQ_* at import: set them before importing it.
         os.environ.update(bench_env)
         from bench.app import noop
@@ -365,9 +407,17 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
         redis_proc: EmbeddedRedis | None = None
         if redis_port is not None:
             redis_proc = stack.enter_context(EmbeddedRedis(port=redis_port))
-        settings = Settings.from_env()
+            if redis_proc.process is not None:
+                # Its own process group: Ctrl-C in the terminal reaches this process
+                # only, and the cleanup below stops worker, then Redis, in order.
+                with contextlib.suppress(OSError):
+                    os.setpgid(redis_proc.process.pid, redis_proc.process.pid)
         tq = ToolQueue(settings, app=app)
         stack.callback(tq.close)
+        if args.redis_url:
+            stack.callback(_drop_keys, settings.redis_url, f"{settings.key_prefix}*")
+            stack.callback(_drop_keys, settings.broker_url, f"*{settings.queue}*")
+        stack.callback(_no_backend_retries_after_interrupt, app)
 
         worker_env = {
             **os.environ,
@@ -375,11 +425,9 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
             "PYTHONPATH": os.pathsep.join(filter(None, [str(REPO_ROOT), os.environ.get("PYTHONPATH")])),
             "PYTHONUNBUFFERED": "1",
         }
-        if args.no_track_started:
-            worker_env["BENCH_TRACK_STARTED"] = "0"
         if args.timeline == 0:
             worker_env["BENCH_INSTRUMENT"] = "0"
-        report["track_started"] = not args.no_track_started
+        report["celery_overrides"] = overrides
         report["worker"] = {"pool": args.pool, "concurrency": args.concurrency}
         worker = WorkerProcess(worker_env, settings.queue, args.concurrency, args.pool)
         stack.callback(worker.stop)
@@ -412,16 +460,21 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
                 out.append((time.perf_counter() - t0) * 1000)
             return out
 
+        idle_s = args.idle_gap_ms / 1000
         runners: dict[str, Callable[[int], list[float]]] = {
             "direct": direct.series,
             "floor": lambda n: timed(call_floor, n),
             "mcpq": lambda n: timed(call_mcpq, n),
+            "direct_idle": lambda n: direct.series(n, idle_s),
         }
 
         print(f"warming up ({args.warmup} calls per path)", file=sys.stderr)
+        warm: dict[str, list[float]] = {}
         for path in PATHS:
-            runners[path](args.warmup)
+            warm[path] = runners[path](args.warmup)
         exec_ms.clear()
+        report["idle_gap_ms"] = args.idle_gap_ms
+        report["warmup_medians"] = {p: summarize(v)["median"] for p, v in warm.items() if v}
 
         meter = CpuMeter()
         meter.add("bench", os.getpid())
@@ -440,7 +493,7 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
         rounds = max(1, min(args.rounds, args.calls))
         sizes = [args.calls // rounds + (1 if i < args.calls % rounds else 0) for i in range(rounds)]
         for i, size in enumerate(sizes):
-            order = PATHS[i % 3 :] + PATHS[: i % 3]
+            order = PATHS[i % len(PATHS) :] + PATHS[: i % len(PATHS)]
             print(f"round {i + 1}/{rounds}: {size} calls per path, order {', '.join(order)}", file=sys.stderr)
             for path in order:
                 with meter.measure(path):
@@ -471,24 +524,25 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
 
 
 STAGES = {
-    "publish": "publish (send_task / apply_async returns)",
-    "to_consumer": "broker -> worker consumer (task_received)",
-    "to_thread": "consumer -> pool thread (task_prerun)",
-    "in_task": "in the task thread (prerun -> result stored)",
+    "to_task": "submit -> task starts in the pool (task_prerun)",
+    "to_consumer": "  of which submit -> consumer has it (received)",
+    "to_thread": "  of which consumer -> pool thread",
+    "in_task": "in the task (prerun -> result stored)",
     "before_body": "  STARTED store, task wrapper (-> body)",
     "body": "  body: MCPClientManager.call_tool",
     "resolve": "    resolve tool -> server",
     "validate": "    validate arguments",
-    "admit": "    breaker admit (Redis Lua)",
+    "admit": "    admit: breaker, limits, claim (Redis Lua)",
     "execute": "    pool.run: hop + session + SDK + dump",
     "sdk": "      of which Client.call_tool on the loop",
     "hop": "      of which the rest (hop, session, dump)",
-    "complete": "    breaker complete (Redis Lua)",
+    "complete": "    complete: outcome, claim (Redis Lua)",
     "result": "    build ToolResult",
     "body_other": "    rest of the router",
     "after_body": "  to_dict, SUCCESS store + publish",
     "to_producer": "result published -> producer has it",
     "total": "round trip",
+    "publish": "(the publish call alone; overlaps the first stage)",
 }
 _BODY_PARTS = ("resolve", "validate", "admit", "execute", "complete", "result")
 
@@ -523,11 +577,10 @@ def _timeline(app: Any, queue: str, tq: Any, noop: Any, calls: int) -> dict[str,
             if not m or not {"prerun", "stored"} <= m.keys():
                 continue
             stages["publish"].append(t1 - t0)
-            if "received" in m:  # not with prefork: the consumer is another process
-                stages["to_consumer"].append(m["received"] - t1)
+            stages["to_task"].append(m["prerun"] - t0)
+            if "received" in m:
+                stages["to_consumer"].append(m["received"] - t0)
                 stages["to_thread"].append(m["prerun"] - m["received"])
-            else:
-                stages["to_consumer"].append(m["prerun"] - t1)
             stages["in_task"].append(m["stored"] - m["prerun"])
             stages["to_producer"].append(t5 - m["stored"])
             stages["total"].append(t5 - t0)
@@ -545,12 +598,31 @@ def _timeline(app: Any, queue: str, tq: Any, noop: Any, calls: int) -> dict[str,
     return out
 
 
+def _drop_keys(url: str, pattern: str) -> None:
+    """On a shared Redis, remove this run's keys (its own key prefix and queue name only)."""
+    import redis
+
+    with contextlib.suppress(redis.RedisError), redis.Redis.from_url(url, socket_timeout=2.0) as client:
+        keys = list(client.scan_iter(match=pattern, count=500))
+        if keys:
+            client.delete(*keys)
+
+
+def _no_backend_retries_after_interrupt(app: Any) -> None:
+    """After Ctrl-C, a result still pending unsubscribes when it is garbage collected,
+    which is after Redis is stopped; Celery would retry that for about 20 s."""
+    if _interrupted:
+        with contextlib.suppress(Exception):
+            app.backend._transport_options["retry_policy"] = {"max_retries": 0}
+
+
 def _wait_for_worker(app: Any, worker: WorkerProcess, timeout: float = 90.0) -> None:
     deadline = time.monotonic() + timeout
     while time.monotonic() < deadline:
         if not worker.alive():
             raise RuntimeError(f"the worker exited at start:\n{worker.log_tail()}")
-        if app.control.ping(timeout=0.5):
+        # By name: on a shared Redis other mcpq workers would answer a broadcast ping.
+        if app.control.ping(destination=[worker.name], timeout=0.5):
             return
     raise RuntimeError(f"the worker did not answer a ping within {timeout:g}s:\n{worker.log_tail()}")
 
@@ -567,7 +639,11 @@ def render(report: dict[str, Any]) -> str:
         f"load {report['machine']['loadavg_start'][0]:.2f} -> {report['machine']['loadavg_end'][0]:.2f}; "
         f"code {report['git']}",
         f"protocol: direct {report['protocol']['direct']}, mcpq {report['protocol']['mcpq']}"
-        + ("" if report.get("track_started", True) else "; EXPERIMENT: worker task_track_started=False")
+        + (
+            f"; EXPERIMENT: Celery settings {json.dumps(report['celery_overrides'])}"
+            if report.get("celery_overrides")
+            else ""
+        )
         + (
             ""
             if report["worker"] == {"pool": "threads", "concurrency": WORKER_CONCURRENCY}
@@ -580,13 +656,14 @@ def render(report: dict[str, Any]) -> str:
         "direct": "direct pooled SDK call (mcp.Client)",
         "floor": "Celery floor (no-op task round trip)",
         "mcpq": "mcpq (ToolQueue.call)",
+        "direct_idle": f"direct, {report['idle_gap_ms']:.1f} ms idle before each",
     }
     for path in PATHS:
         s = res[path]
         lines.append(
             f"{labels[path]:<40} {s['median']:8.3f} {s['p90']:8.3f} {s['p99']:8.3f} {s['mean']:8.3f}"
         )
-    d, f, m = (res[p]["median"] for p in PATHS)
+    d, f, m, di = (res[p]["median"] for p in PATHS)
     ratio = m / (f + d)
     overhead = m - f - d
     lines += [
@@ -594,17 +671,19 @@ def render(report: dict[str, Any]) -> str:
         f"ratio  mcpq / (floor + direct), medians: {m:.3f} / ({f:.3f} + {d:.3f}) = {ratio:.3f}"
         f"   (target <= {TARGET_RATIO})",
         f"mcpq overhead, medians: mcpq - floor - direct = {overhead:+.3f} ms",
+        f"with the idle-gap direct call instead: mcpq / (floor + direct_idle) = {m / (f + di):.3f}, "
+        f"overhead {m - f - di:+.3f} ms",
         f"in-worker router time (ToolResult.execution_time_ms), median: "
         f"{report['mcpq_execution_time_ms']['median']:.3f} ms",
     ]
     cpu = report["cpu_ms_per_call"]
     names = sorted({n for per in cpu.values() for n in per})
-    lines += ["", "CPU per call (ms, user+system):", f"{'process':<24}" + "".join(f"{p:>10}" for p in PATHS)]
+    lines += ["", "CPU per call (ms, user+system):", f"{'process':<24}" + "".join(f"{p:>12}" for p in PATHS)]
     for name in names:
         lines.append(
-            f"{name:<24}" + "".join(f"{cpu.get(p, {}).get(name, float('nan')):10.3f}" for p in PATHS)
+            f"{name:<24}" + "".join(f"{cpu.get(p, {}).get(name, float('nan')):12.3f}" for p in PATHS)
         )
-    lines.append(f"{'total':<24}" + "".join(f"{sum(cpu.get(p, {}).values()):10.3f}" for p in PATHS))
+    lines.append(f"{'total':<24}" + "".join(f"{sum(cpu.get(p, {}).values()):12.3f}" for p in PATHS))
     tl = report.get("timeline")
     if tl:
         lines += [
@@ -621,11 +700,13 @@ def render(report: dict[str, Any]) -> str:
             diff = f"{b - a:+8.3f}" if a is not None and b is not None else ""
             lines.append(f"{label:<52} {cols[0]} {cols[1]} {diff}")
         lines.append("(medians of each stage; they need not add up to the median round trip)")
+        lines += _overhead_summary(report)
     split = report.get("split")
     if split:
         lines += [
             "",
-            "inside the worker, from a pool thread (no queue), ms:",
+            "isolated, inside the worker: each layer called back to back from a pool thread, no queue"
+            " (warm, uncontended), ms:",
             f"{'layer':<44} {'median':>8} {'p90':>8} {'p99':>8}",
         ]
         split_labels = {
@@ -635,7 +716,7 @@ def render(report: dict[str, Any]) -> str:
             "sdk_on_loop": "SDK alone on the worker's loop",
             "empty_hop": "empty pool.run (thread -> loop -> thread)",
             "state_redis_ping": "state Redis PING",
-            "breaker_admit_complete": "breaker admit + complete (2 Lua calls)",
+            "breaker_admit_complete": "admit + complete scripts, no claim (2 RTs)",
         }
         split_cpu = split.get("cpu_ms_per_call", {})
         lines[-1] += f" {'CPU:worker':>11} {'CPU:server':>11}"
@@ -646,26 +727,55 @@ def render(report: dict[str, Any]) -> str:
             c = split_cpu.get(key)
             cpu_cols = f" {c['worker']:11.3f} {c['stdio_server']:11.3f}" if c else ""
             lines.append(f"{label:<44} {s['median']:8.3f} {s['p90']:8.3f} {s['p99']:8.3f}{cpu_cols}")
-        body, prun, sdk = (
-            split["task_body"]["median"],
-            split["pool_run"]["median"],
-            split["sdk_on_loop"]["median"],
-        )
-        lines += [
-            "",
-            "split of mcpq's median (ms):",
-            f"  Celery floor                           {f:8.3f}",
-            f"  SDK call (worker's session, on loop)   {sdk:8.3f}",
-            f"  pool + thread hop (pool_run - SDK)     {prun - sdk:8.3f}",
-            f"  router/validation/result (body - pool) {body - prun:8.3f}",
-            *(
-                [f"    of which breaker admit + complete    {breaker['median']:8.3f}"]
-                if (breaker := split.get("breaker_admit_complete"))
-                else []
-            ),
-            f"  queue cost beyond floor (mcpq - floor - body) {m - f - body:8.3f}",
-        ]
     return "\n".join(lines)
+
+
+def _overhead_summary(report: dict[str, Any]) -> list[str]:
+    """Where mcpq's extra time goes, from the instrumented timeline (same calls, medians)."""
+    tl = report["timeline"]
+    floor, mcpq = tl["floor"], tl["mcpq"]
+    if "sdk" not in mcpq:
+        return []
+
+    def med(stages: dict[str, dict[str, float]], key: str) -> float:
+        return stages.get(key, {}).get("median", 0.0)
+
+    res = report["results"]
+    rest = sum(med(mcpq, k) for k in ("resolve", "validate", "result", "body_other"))
+    rows = [
+        (
+            "SDK call on the worker's loop",
+            med(mcpq, "sdk"),
+            f"direct {res['direct']['median']:.3f} back to back, "
+            f"{res['direct_idle']['median']:.3f} after idling",
+        ),
+        ("thread hop, session pick, result dump", med(mcpq, "hop"), ""),
+        ("admit + complete scripts (2 Redis round trips)", med(mcpq, "admit") + med(mcpq, "complete"), ""),
+        ("resolve, validate, build ToolResult, rest", rest, ""),
+        (
+            "task wrapper and state stores, vs floor",
+            med(mcpq, "before_body")
+            + med(mcpq, "after_body")
+            - med(floor, "before_body")
+            - med(floor, "after_body"),
+            "",
+        ),
+        (
+            "queue legs, vs floor",
+            med(mcpq, "to_task")
+            + med(mcpq, "to_producer")
+            - med(floor, "to_task")
+            - med(floor, "to_producer"),
+            "",
+        ),
+    ]
+    lines = [
+        "",
+        f"where mcpq's time beyond the floor goes (timeline medians; mcpq - floor round trip = "
+        f"{med(mcpq, 'total') - med(floor, 'total'):+.3f} ms):",
+    ]
+    lines += [f"  {label:<48} {value:+8.3f}  {note}".rstrip() for label, value, note in rows]
+    return lines
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -684,9 +794,12 @@ def main(argv: list[str] | None = None) -> int:
         help="then time the stages of N floor and N mcpq calls on one clock (default 200; 0 skips)",
     )
     parser.add_argument(
-        "--no-track-started",
-        action="store_true",
-        help="experiment: run the worker with task_track_started=False (mcpq's config says True)",
+        "--conf",
+        action="append",
+        default=[],
+        metavar="KEY=JSON",
+        help="experiment: override a Celery setting in producer and worker, e.g. "
+        "--conf task_track_started=false (repeatable)",
     )
     parser.add_argument(
         "--pool",
@@ -701,20 +814,28 @@ def main(argv: list[str] | None = None) -> int:
         help=f"the worker's -c (default {WORKER_CONCURRENCY}; use 1 with --pool prefork so the "
         "timeline and split tasks share the one child process)",
     )
+    parser.add_argument(
+        "--idle-gap-ms",
+        type=float,
+        default=IDLE_GAP_MS,
+        help=f"idle time before each call of the direct_idle path (default {IDLE_GAP_MS:g}: about "
+        "what the stdio server idles between two queued calls; the slowdown levels off from there)",
+    )
     parser.add_argument("--no-split", action="store_true", help="skip the in-worker layer timing")
     parser.add_argument("--json", type=Path, help="also write the full report as JSON here")
     args = parser.parse_args(argv)
     if args.calls < 1 or args.warmup < 0 or args.rounds < 1:
         parser.error("--calls and --rounds must be >= 1, --warmup >= 0")
 
-    previous = signal.signal(signal.SIGTERM, _raise_on_sigterm)
+    previous = {sig: signal.signal(sig, _interrupt) for sig in (signal.SIGINT, signal.SIGTERM)}
     try:
         report = run(args)
     except KeyboardInterrupt:
         print("interrupted; every process started here was stopped", file=sys.stderr)
         return 130
     finally:
-        signal.signal(signal.SIGTERM, previous)
+        for sig, handler in previous.items():
+            signal.signal(sig, handler)
     print(render(report))
     if args.json:
         args.json.write_text(json.dumps(report, indent=2))

@@ -73,6 +73,9 @@ app = make_app()
 @signals.worker_init.connect
 def _check_config(**_: Any) -> None:
     """Refuse to start with a config that cannot be served safely."""
+    # The SDK's HTTP client logs every request at INFO: one line per call.
+    for noisy in ("httpx", "httpx2", "httpcore", "httpcore2", "mcp"):
+        logging.getLogger(noisy).setLevel(logging.WARNING)
     from worker.budgets import check_time_budgets
     from worker.config import load_config
     from worker.errors import ConfigError

@@ -25,6 +25,7 @@ import logging
 import os
 import socket
 import threading
+import uuid
 from importlib import resources
 
 import redis
@@ -49,6 +50,11 @@ def worker_identity() -> str:
     return f"{socket.gethostname()}/pid{os.getpid()}"
 
 
+def worker_of(owner: str) -> str:
+    """The worker part of a claim owner ("host/pid123#execution" -> "host/pid123")."""
+    return owner.split("#", 1)[0]
+
+
 class ClaimKeeper:
     """Creates claims for this process and keeps their heartbeats fresh."""
 
@@ -67,7 +73,11 @@ class ClaimKeeper:
         self._thread: threading.Thread | None = None
 
     def claim(self, delivery: str, idempotent: bool) -> Claim:
-        return Claim(self.keys.claim(delivery), self.owner, idempotent, self.lease, self.ttl)
+        # The owner names this very execution, not just the process: a message
+        # redelivered to the same worker (after a broker connection loss) while
+        # its first execution still runs must see a claim that is not its own.
+        owner = f"{self.owner}#{uuid.uuid4().hex[:12]}"
+        return Claim(self.keys.claim(delivery), owner, idempotent, self.lease, self.ttl)
 
     def track(self, claim: Claim | None) -> None:
         if claim is None:

@@ -18,7 +18,7 @@ from typing import Any
 from mcp import Client
 
 from worker.breaker import Admission, BreakerPolicy, Claim, ServerGuard
-from worker.claims import CallInProgress, ClaimKeeper
+from worker.claims import CallInProgress, ClaimKeeper, worker_of
 from worker.classify import Outcome, classify
 from worker.config import MCPQConfig, MCPServerConfig
 from worker.discovery import Discovery
@@ -299,9 +299,9 @@ class ToolRouter:
         assert claim is not None
         err = OutcomeUnknownError(
             f"the call to {target.tool!r} on {target.server.name!r} was running on worker "
-            f"{admission.reason!r}, which stopped before reporting its outcome; it may or may not have run, "
-            "and it was not repeated because the tool is not marked idempotent",
-            details={"worker": admission.reason, "server": target.server.name},
+            f"{worker_of(admission.reason)!r}, which stopped before reporting its outcome; it may or may not "
+            "have run, and it was not repeated because the tool is not marked idempotent",
+            details={"worker": worker_of(admission.reason), "server": target.server.name},
         )
         result = self._failure(tool, target, err, started, meta)
         log.warning("call %s: %s", meta["request_id"], err.message)

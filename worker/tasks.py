@@ -18,6 +18,7 @@ from worker.celery import app
 from worker.claims import CallInProgress
 from worker.errors import ErrorCode, InternalError, InvalidArgumentsError, MCPError
 from worker.manager import get_manager
+from worker.redact import describe_call
 from worker.result import ToolResult
 from worker.task_names import CALL_TOOL, DISCOVER, HEALTH, RECONNECT
 
@@ -88,6 +89,22 @@ def call_tool(
 
     if not isinstance(deadline_at, int | float):
         deadline_at = time.time() + (timeout or manager.router.default_timeout(tool, server))
+    call = dict(
+        tool=tool, arguments=arguments, server=server, timeout=timeout, request_id=request_id,
+        idempotency_key=idempotency_key, attempt=attempt, deadline_at=deadline_at, waits=waits,
+    )  # fmt: skip
+
+    def again(countdown: float, **changes: Any) -> Exception:
+        """Re-enqueue this call (a new message), never sleeping on a slot.
+        The new message gets the same redacted description the producer gave
+        the first one: Celery would otherwise show the raw arguments."""
+        label = f"{server}/{tool}" if server else tool
+        shown = describe_call(label, arguments or {}, manager.settings.secret_pattern_list())
+        retry: Exception = self.retry(
+            kwargs={**call, **changes}, countdown=countdown, argsrepr="()", kwargsrepr=shown
+        )
+        return retry
+
     # The claim names this attempt of this task: a redelivery of the same
     # message finds it; a retry (a new attempt) takes a new one.
     claim_key = f"{self.request.id}:{attempt}" if self.request.id else None
@@ -104,21 +121,13 @@ def call_tool(
     except CallInProgress as busy:
         # A duplicate delivery while the first is still running: wait for it
         # off-slot; the claim then holds the one result, or shows its owner died.
-        countdown = max(min(busy.retry_after, 5.0), 0.2)
-        raise self.retry(kwargs=dict(
-            tool=tool, arguments=arguments, server=server, timeout=timeout, request_id=request_id,
-            idempotency_key=idempotency_key, attempt=attempt, deadline_at=deadline_at, waits=waits,
-        ), countdown=countdown) from None  # fmt: skip
-    again = dict(
-        tool=tool, arguments=arguments, server=server, timeout=timeout, request_id=request_id,
-        idempotency_key=idempotency_key, attempt=attempt, deadline_at=deadline_at, waits=waits,
-    )  # fmt: skip
+        raise again(max(min(busy.retry_after, 5.0), 0.2)) from None
 
     if result.error_code in (ErrorCode.LIMIT_EXCEEDED, ErrorCode.CIRCUIT_OPEN):
         wants_wait = result.error_code == ErrorCode.LIMIT_EXCEEDED or result.details.get("defer")
         countdown = _wait_countdown(result, waits)
         if wants_wait and time.time() + countdown < deadline_at:
-            raise self.retry(kwargs={**again, "waits": waits + 1}, countdown=countdown)
+            raise again(countdown, waits=waits + 1)
         if wants_wait:
             result.error = f"{result.error}; gave up waiting at the call's deadline"
         return result.to_dict()
@@ -132,9 +141,7 @@ def call_tool(
                 "call %s to %r failed (%s); attempt %d of %d in %.2fs",
                 request_id, result.server_name, result.error_code, attempt + 1, total, countdown,
             )  # fmt: skip
-            raise self.retry(
-                kwargs={**again, "attempt": attempt + 1, "deadline_at": None}, countdown=countdown
-            )
+            raise again(countdown, attempt=attempt + 1, deadline_at=None)
     return result.to_dict()
 
 
