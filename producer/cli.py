@@ -240,8 +240,10 @@ def reconnect(server: str) -> None:
 @click.option("--port", default=8000, show_default=True, type=int)
 def api(host: str, port: int) -> None:
     """Serve the HTTP API (admin endpoints need MCPQ_ADMIN_TOKEN)."""
-    from producer.api import serve
-
+    try:
+        from producer.api import serve
+    except ImportError as exc:
+        _fail(f"the HTTP API needs its extra: pip install 'mcpq[api]' ({exc})", EXIT_USAGE)
     serve(host, port)
 
 

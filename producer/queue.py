@@ -38,6 +38,25 @@ RESULT_GRACE = 10.0
 PUBLISH_RETRY = {"max_retries": 3, "interval_start": 0.1, "interval_step": 0.2, "interval_max": 0.5}
 
 
+def _chain(exc: BaseException) -> list[BaseException]:
+    seen: list[BaseException] = []
+    current: BaseException | None = exc
+    while current is not None and current not in seen:
+        seen.append(current)
+        current = current.__cause__ or current.__context__
+    return seen
+
+
+def _is_connection_failure(exc: BaseException) -> bool:
+    """Kombu raises OperationalError; the Redis result backend gives up with a
+    RuntimeError chained to redis' ConnectionError. Both mean "unreachable"."""
+    return any(isinstance(e, OperationalError | redis.ConnectionError | ConnectionError) for e in _chain(exc))
+
+
+def _root(exc: BaseException) -> BaseException:
+    return _chain(exc)[-1]
+
+
 class CallHandle:
     """A submitted call. ``result()`` waits for and returns its ToolResult."""
 
@@ -90,6 +109,10 @@ class ToolQueue:
     def __init__(self, settings: Settings | None = None, app: Celery | None = None) -> None:
         self.settings = settings or Settings.from_env()
         self.app = app or make_app(self.settings)
+        if app is None:
+            # A caller should hear "unreachable" in about a second, not after
+            # the worker-side default of twenty reconnect attempts.
+            self.app.conf.result_backend_transport_options = {"retry_policy": PUBLISH_RETRY}
         self.keys = Keys(self.settings.key_prefix)
         self._secret_patterns = self.settings.secret_pattern_list()
         self._redis: redis.Redis | None = None
@@ -150,10 +173,12 @@ class ToolQueue:
                 argsrepr="()",
                 kwargsrepr=describe_call(label, arguments or {}, self._secret_patterns),
             )
-        except OperationalError as exc:
+        except Exception as exc:
+            if not _is_connection_failure(exc):
+                raise
             raise MCPConnectionError(
-                f"cannot reach the broker at {redact_url(self.settings.broker_url)}: {exc}; "
-                "set MCPQ_BROKER_URL or start Redis",
+                f"cannot reach the broker or result backend at {redact_url(self.settings.broker_url)}: "
+                f"{_root(exc)}; set MCPQ_BROKER_URL / MCPQ_RESULT_BACKEND or start Redis",
                 details={"broker": redact_url(self.settings.broker_url)},
             ) from None
         return CallHandle(async_result, label, wait_hint)

@@ -53,6 +53,10 @@ def make_app(settings: Settings | None = None) -> Celery:
         task_send_sent_event=True,
         task_track_started=True,
         result_extended=False,
+        # A result write that meets a dropped connection is retried, not turned
+        # into a FAILURE of a call that succeeded.
+        result_backend_always_retry=True,
+        result_backend_max_retries=20,
     )
     return app
 

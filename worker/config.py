@@ -316,7 +316,7 @@ class MCPServerConfig(BaseModel):
             "transport": self.transport,
             "url": None if self.url is None else _redact_url(self.url),
             "command": self.command,
-            "args": list(self.args),
+            "args": _redact_args(self.args),
             "enabled": self.enabled,
             "description": self.description,
             "timeout": self.timeout,
@@ -325,6 +325,29 @@ class MCPServerConfig(BaseModel):
             "header_names": sorted(self.headers),
             "env_names": sorted(self.env),
         }
+
+
+def _secret_name(name: str) -> bool:
+    lowered = name.lower()
+    return any(p in lowered for p in DEFAULT_SECRET_PATTERNS)
+
+
+def _redact_args(args: list[str]) -> list[str]:
+    """Args as published: ``--token X``, ``--token=X`` and ``API_KEY=X`` show ``***``
+    for X, since a ``${VAR}`` expanded into an argument is as secret as the env."""
+    out: list[str] = []
+    hide_next = False
+    for arg in args:
+        name, eq, _ = arg.partition("=")
+        if hide_next:
+            out.append("***")
+            hide_next = False
+        elif eq and _secret_name(name):
+            out.append(f"{name}=***")
+        else:
+            out.append(arg)
+            hide_next = arg.startswith("-") and not eq and _secret_name(arg)
+    return out
 
 
 class MCPQConfig(BaseModel):

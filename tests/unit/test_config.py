@@ -906,3 +906,19 @@ def test_python_dump_keeps_the_real_url_for_rebuilding() -> None:
     server = one("mcp_servers:\n  a: {url: 'https://u:pw@h.example/mcp'}\n")
     rebuilt = MCPServerConfig.model_validate(server.model_dump())
     assert rebuilt.url == "https://u:pw@h.example/mcp"
+
+
+def test_summary_hides_secret_looking_args() -> None:
+    server = one(
+        """
+        mcp_servers:
+          gh:
+            command: npx
+            args: [-y, pkg, --api-key, "${K}", "--token=${K}", "GITHUB_TOKEN=${K}", --port, "8080"]
+        """,
+        env={"K": "s3cr3t-value"},
+    )
+    assert server.args[3] == "s3cr3t-value"  # the process still gets the real value
+    published = server.summary()["args"]
+    assert published == ["-y", "pkg", "--api-key", "***", "--token=***", "GITHUB_TOKEN=***", "--port", "8080"]
+    assert "s3cr3t-value" not in str(server.summary())
