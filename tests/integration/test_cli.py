@@ -11,7 +11,7 @@ from typing import Any
 
 import pytest
 
-from tests.support.procs import free_port, stdio_command_for_test_server
+from tests.support.procs import free_port, stdio_command_for_test_server, wait_until
 from tests.support.stack import Stack
 
 pytestmark = [pytest.mark.integration, pytest.mark.timeout(120)]
@@ -85,3 +85,44 @@ def test_servers_tools_and_breakers(stack: Stack) -> None:
     assert json.loads(mcpq(stack, "breakers", "--json").stdout)["down"]["state"] == "closed"
     unknown = mcpq(stack, "breakers", "reset", "nope")
     assert unknown.returncode == 1 and "no server named 'nope'" in unknown.stderr
+
+
+def test_health_and_fleet_wide_reconnect(make_stack: Callable[..., Any], count_dir: Path) -> None:
+    command, args = stdio_command_for_test_server()
+    stack: Stack = make_stack(
+        {
+            "local": {"command": command, "args": args, "env": {"MCPQ_TEST_COUNT_DIR": str(count_dir)}},
+            "down": {"url": f"http://127.0.0.1:{free_port()}/mcp", "connect_timeout": 2},
+        }
+    )
+    stack.start_worker(queue="qa")
+    stack.start_worker(queue="qb")
+
+    report = mcpq(stack, "health", "--json")
+    assert report.returncode == 1  # one server is down
+    health = json.loads(report.stdout)
+    assert health["local"]["healthy"] is True and health["local"]["latency_ms"] > 0
+    assert health["local"]["protocol_version"]
+    assert health["down"]["healthy"] is False and health["down"]["error_code"] == "connection_error"
+    table = mcpq(stack, "health")
+    assert "local" in table.stdout and "NO" in table.stdout
+
+    def pids() -> dict[str, int]:
+        return {
+            q: stack.queue.call("local/pid", {}, queue=q, timeout=30).structured["result"]
+            for q in ("qa", "qb")
+        }
+
+    before = pids()
+    assert before["qa"] != before["qb"]  # one stdio server per worker process
+    out = mcpq(stack, "reconnect", "local")
+    assert out.returncode == 0 and "reconnect" in out.stdout
+    # Every worker notices the fleet-wide epoch within about a second and reopens its session.
+    after = wait_until(
+        lambda: (p := pids())["qa"] != before["qa"] and p["qb"] != before["qb"] and p,
+        20,
+        interval=0.2,
+        message="not every worker reconnected",
+    )
+    assert set(after.values()).isdisjoint(before.values())
+    assert mcpq(stack, "reconnect", "nope").returncode == 1
