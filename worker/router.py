@@ -51,6 +51,9 @@ class Target:
     definition: dict[str, Any]
 
 
+#: After a server could not be listed, bare-name calls skip it this long.
+UNREACHABLE_RETRY = 5.0
+
 # Counts as neither success nor failure (isError results, cancellations we caused).
 _IGNORED = Outcome(InternalError("ignored"), False, False, False, False)
 
@@ -81,18 +84,19 @@ class ToolRouter:
         self.guard = guard
         self.claims = claims
         self.policies = {name: BreakerPolicy.from_config(c) for name, c in config.mcp_servers.items()}
+        self._failed_discovery: dict[str, tuple[float, MCPError]] = {}
 
     # -- resolve -----------------------------------------------------------------
     def resolve(self, tool: str, server: str | None, deadline: float) -> Target:
         tool, server = split_qualified(tool, server)
         if server is not None:
             return self._resolve_on(server, tool, deadline)
+        # A bare name is unambiguous only if every enabled server's tools are
+        # known: a server not listed yet may offer the same name.
+        failures = self._discover_unknown(deadline)
         candidates = self.registry.servers_offering(tool)
-        failures: dict[str, MCPError] = {}
         if not candidates:
-            # Unknown here may just mean not discovered yet, or changed since.
-            for name in self.registry.undiscovered():
-                failures |= self._guarded_discovery(self.registry.get(name), deadline)
+            # Unknown here may also mean changed since the last listing.
             candidates = self.registry.servers_offering(tool, refresh=True)
         if not candidates:
             known = self.registry.known_tool_names()
@@ -133,6 +137,28 @@ class ToolRouter:
                 details={"tool": tool, "server": server, "suggestions": close},
             )
         return Target(config, tool, toolset.tools[tool])
+
+    def _discover_unknown(self, deadline: float) -> dict[str, MCPError]:
+        """List the tools of enabled servers never listed yet. A server that
+        could not be reached is tried again only after a pause, so a dead
+        server does not cost every call a connect attempt."""
+        failures: dict[str, MCPError] = {}
+        now = time.monotonic()
+        for name in self.registry.undiscovered():
+            last = self._failed_discovery.get(name)
+            if last is not None and now - last[0] < UNREACHABLE_RETRY:
+                failures[name] = last[1]
+                continue
+            try:
+                found = self._guarded_discovery(self.registry.get(name), deadline)
+            except MCPError as exc:  # its breaker is open, or it is at its limit
+                found = {name: exc}
+            if name in found:
+                self._failed_discovery[name] = (time.monotonic(), found[name])
+            else:
+                self._failed_discovery.pop(name, None)
+            failures |= found
+        return failures
 
     def _guarded_discovery(
         self, config: MCPServerConfig, deadline: float, force: bool = False

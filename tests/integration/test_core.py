@@ -148,7 +148,10 @@ def test_bad_calls_get_specific_codes_and_never_reach_the_server(
 
     invalid = q.call("count", {"key": 7}, timeout=30)
     assert invalid.error_code == "invalid_arguments"
-    assert "is not of type 'string'" in invalid.error
+    # "key" looks like a secret's name, so its value is not quoted back.
+    assert "at 'key': the value fails 'type'" in invalid.error
+    wrong_type = q.call("strict", {"n": "seven", "mode": "a"}, timeout=30)
+    assert "at 'n': 'seven' is not of type 'integer'" in wrong_type.error
     missing = q.call("count", {}, timeout=30)
     assert missing.error_code == "invalid_arguments" and "'key' is a required property" in missing.error
     enum = q.call("strict", {"n": 1, "mode": "c"}, timeout=30)
