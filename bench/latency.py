@@ -328,7 +328,18 @@ def _write_config(path: Path) -> None:
     path.write_text(yaml.safe_dump(doc))
 
 
+def _source_fingerprint() -> str:
+    digest = hashlib.sha256()
+    for path in sorted([*REPO_ROOT.glob("worker/**/*.py"), *REPO_ROOT.glob("worker/**/*.lua"),
+                        *REPO_ROOT.glob("producer/**/*.py")]):  # fmt: skip
+        digest.update(path.relative_to(REPO_ROOT).as_posix().encode())
+        digest.update(path.read_bytes())
+    return digest.hexdigest()[:12]
+
+
 def _git_state() -> str:
+    """The commit and a fingerprint of worker/ and producer/, which others may be editing."""
+    fingerprint = f"source sha256 {_source_fingerprint()}"
     try:
         head = subprocess.run(
             ["git", "rev-parse", "--short", "HEAD"], cwd=REPO_ROOT, capture_output=True, text=True, check=True
@@ -341,16 +352,8 @@ def _git_state() -> str:
             check=True,
         ).stdout.strip()
     except (OSError, subprocess.CalledProcessError):
-        return "unknown"
-    if not dirty:
-        return head
-    # Others edit worker/ and producer/ while benchmarks run: fingerprint what ran.
-    digest = hashlib.sha256()
-    for path in sorted([*REPO_ROOT.glob("worker/**/*.py"), *REPO_ROOT.glob("worker/**/*.lua"),
-                        *REPO_ROOT.glob("producer/**/*.py")]):  # fmt: skip
-        digest.update(path.relative_to(REPO_ROOT).as_posix().encode())
-        digest.update(path.read_bytes())
-    return f"{head} + uncommitted changes in worker/ or producer/ (source sha256 {digest.hexdigest()[:12]})"
+        return f"not a git checkout, {fingerprint}"
+    return f"{head}{' + uncommitted changes' if dirty else ''}, {fingerprint}"
 
 
 _interrupted = False
@@ -380,6 +383,7 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
         redis_port: int | None = None
         if args.redis_url:
             redis_base = re.sub(r"/\d+$", "", args.redis_url.rstrip("/"))
+            _check_redis(redis_base)
         else:
             redis_port = _free_port()
             redis_base = f"redis://127.0.0.1:{redis_port}"
@@ -598,6 +602,16 @@ def _timeline(app: Any, queue: str, tq: Any, noop: Any, calls: int) -> dict[str,
     return out
 
 
+def _check_redis(url: str) -> None:
+    import redis
+
+    try:
+        with redis.Redis.from_url(url, socket_timeout=2.0, socket_connect_timeout=2.0) as client:
+            client.ping()
+    except redis.RedisError as exc:
+        raise SystemExit(f"bench.latency: cannot reach Redis at {url}: {exc}") from None
+
+
 def _drop_keys(url: str, pattern: str) -> None:
     """On a shared Redis, remove this run's keys (its own key prefix and queue name only)."""
     import redis
@@ -610,10 +624,13 @@ def _drop_keys(url: str, pattern: str) -> None:
 
 def _no_backend_retries_after_interrupt(app: Any) -> None:
     """After Ctrl-C, a result still pending unsubscribes when it is garbage collected,
-    which is after Redis is stopped; Celery would retry that for about 20 s."""
+    which is after Redis is stopped: Celery would retry that for about 20 s, then
+    complain. Nobody waits for it any more, so skip it."""
     if _interrupted:
         with contextlib.suppress(Exception):
-            app.backend._transport_options["retry_policy"] = {"max_retries": 0}
+            backend = app.backend
+            backend._transport_options["retry_policy"] = {"max_retries": 0}
+            backend.remove_pending_result = lambda result: result
 
 
 def _wait_for_worker(app: Any, worker: WorkerProcess, timeout: float = 90.0) -> None:

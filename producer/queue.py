@@ -328,3 +328,104 @@ class ToolQueue:
     def close(self) -> None:
         if self._redis is not None:
             self._redis.close()
+
+    # -- many calls at once (producer/fanout.py) -------------------------------------
+    # Parameter types are spelled out in producer.fanout (Call, Progress,
+    # FanOutHandle); these are thin delegations.
+    def map(
+        self,
+        tool: str,
+        arguments: Any,
+        *,
+        server: str | None = None,
+        timeout: float | None = None,
+        on_progress: Any = None,
+        chunk_size: int | None = None,
+        window: int | None = None,
+        queue: str | None = None,
+        stall_timeout: float | None = None,
+    ) -> list[ToolResult]:
+        """``tool`` once per dict in ``arguments`` (an iterable), as chunked
+        groups; one ToolResult per call, in input order. A failed call never
+        fails the batch. ``on_progress(Progress)`` runs after every result;
+        ``window`` caps calls outstanding at once (None: the default,
+        ``fanout.DEFAULT_WINDOW``; 0: no cap)."""
+        from producer import fanout
+
+        return fanout.map_calls(
+            self,
+            tool,
+            arguments,
+            server=server,
+            timeout=timeout,
+            on_progress=on_progress,
+            chunk_size=chunk_size,
+            window=window,
+            queue=queue,
+            stall_timeout=stall_timeout,
+        )
+
+    def fan_out(
+        self,
+        calls: Any,
+        *,
+        on_progress: Any = None,
+        chunk_size: int | None = None,
+        window: int | None = None,
+        queue: str | None = None,
+        stall_timeout: float | None = None,
+    ) -> list[ToolResult]:
+        """Run ``calls`` (an iterable of ``fanout.Call`` or ``{"tool", "arguments",
+        "server", "timeout"}`` dicts); one ToolResult per call, in input order."""
+        from producer import fanout
+
+        return fanout.fan_out(
+            self,
+            calls,
+            on_progress=on_progress,
+            chunk_size=chunk_size,
+            window=window,
+            queue=queue,
+            stall_timeout=stall_timeout,
+        )
+
+    def as_completed(
+        self,
+        calls: Any,
+        *,
+        on_progress: Any = None,
+        chunk_size: int | None = None,
+        window: int | None = None,
+        queue: str | None = None,
+        stall_timeout: float | None = None,
+    ) -> Any:
+        """Iterator of ``(index, ToolResult)`` as calls finish, every index once."""
+        from producer import fanout
+
+        return fanout.as_completed(
+            self,
+            calls,
+            on_progress=on_progress,
+            chunk_size=chunk_size,
+            window=window,
+            queue=queue,
+            stall_timeout=stall_timeout,
+        )
+
+    def submit_many(
+        self,
+        calls: Any,
+        *,
+        chunk_size: int | None = None,
+        window: int | None = 0,
+        queue: str | None = None,
+        stall_timeout: float | None = None,
+    ) -> Any:
+        """Publish a batch and return a ``fanout.FanOutHandle`` at once (``.ids``,
+        ``.results()``, ``.iter_completed()``); every call is published before
+        this returns unless ``window`` is set."""
+        from producer import fanout
+
+        return fanout.submit_many(
+            self, calls, chunk_size=chunk_size, window=window, queue=queue, stall_timeout=stall_timeout
+        )
