@@ -19,24 +19,13 @@ import pytest
 import uvicorn
 
 from producer.api import create_app
-from tests.support.procs import free_port, stdio_command_for_test_server, wait_for_port, wait_until
-from tests.support.stack import Stack
+from tests.support.procs import free_port, wait_for_port, wait_until
+from tests.support.stack import Stack, stdio_server
 
 pytestmark = [pytest.mark.integration, pytest.mark.timeout(120)]
 
 TOKEN = "integration-admin-token"
 ADMIN = {"Authorization": f"Bearer {TOKEN}"}
-
-
-def stdio_server(count_dir: Path, **fields: Any) -> dict[str, Any]:
-    command, args = stdio_command_for_test_server()
-    return {
-        "transport": "stdio",
-        "command": command,
-        "args": args,
-        "env": {"MCPQ_TEST_COUNT_DIR": str(count_dir)},
-        **fields,
-    }
 
 
 @pytest.fixture()

@@ -24,20 +24,9 @@ from tests.support.procs import (
     stdio_command_for_test_server,
     wait_until,
 )
-from tests.support.stack import all_gone
+from tests.support.stack import all_gone, stdio_server
 
 pytestmark = [pytest.mark.integration, pytest.mark.timeout(120)]
-
-
-def stdio_server(count_dir: Path, *extra: str, **fields: Any) -> dict[str, Any]:
-    command, args = stdio_command_for_test_server(*extra)
-    return {
-        "transport": "stdio",
-        "command": command,
-        "args": args,
-        "env": {"MCPQ_TEST_COUNT_DIR": str(count_dir)},
-        **fields,
-    }
 
 
 @pytest.fixture()

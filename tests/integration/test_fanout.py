@@ -16,20 +16,10 @@ import pytest
 from producer import fanout
 from producer.fanout import Call, FanOutHandle, Progress
 from producer.queue import ToolQueue
-from tests.support.procs import REPO_ROOT, read_count, stdio_command_for_test_server
+from tests.support.procs import REPO_ROOT, read_count
+from tests.support.stack import stdio_server
 
 pytestmark = [pytest.mark.integration, pytest.mark.timeout(180)]
-
-
-def stdio_server(count_dir: Path, **fields: Any) -> dict[str, Any]:
-    command, args = stdio_command_for_test_server()
-    return {
-        "transport": "stdio",
-        "command": command,
-        "args": args,
-        "env": {"MCPQ_TEST_COUNT_DIR": str(count_dir)},
-        **fields,
-    }
 
 
 def test_map_300_adds_in_order_with_progress(make_stack: Callable[..., Any], count_dir: Path) -> None:

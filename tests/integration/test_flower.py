@@ -22,9 +22,9 @@ from tests.support.procs import (
     ServerProcess,
     free_port,
     group_members,
-    stdio_command_for_test_server,
     wait_until,
 )
+from tests.support.stack import stdio_server
 
 pytestmark = [pytest.mark.integration, pytest.mark.timeout(120)]
 
@@ -34,17 +34,6 @@ SECRET = "SECRET-PLANTED-123"
 RETRY_SECRET = "SECRET-PLANTED-456"
 FLOWER_READY_TIMEOUT = 45.0
 EVENTS_TIMEOUT = 30.0
-
-
-def stdio_server(count_dir: Path, **fields: Any) -> dict[str, Any]:
-    command, args = stdio_command_for_test_server()
-    return {
-        "transport": "stdio",
-        "command": command,
-        "args": args,
-        "env": {"MCPQ_TEST_COUNT_DIR": str(count_dir)},
-        **fields,
-    }
 
 
 class Flower:

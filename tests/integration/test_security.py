@@ -13,10 +13,9 @@ from tests.support.procs import (
     free_port,
     read_count,
     start_test_server,
-    stdio_command_for_test_server,
     wait_until,
 )
-from tests.support.stack import Stack
+from tests.support.stack import Stack, stdio_server
 from worker.task_names import CALL_TOOL
 
 pytestmark = [pytest.mark.integration, pytest.mark.timeout(120)]
@@ -27,19 +26,10 @@ URL_SECRET = "PLANTED-URLPASS-0d4c"
 ARG_SECRET = "PLANTED-ARG-93e1aa"
 
 
-def stdio_entry(count_dir: Path, **fields: Any) -> dict[str, Any]:
-    command, args = stdio_command_for_test_server()
-    return {"command": command, "args": args, "env": {"MCPQ_TEST_COUNT_DIR": str(count_dir)}, **fields}
-
-
-def raw_result(stack: Stack, task_id: str) -> Any:
-    return stack.queue.get(task_id, CALL_TOOL).result(60)
-
-
 def test_pickle_messages_are_refused_and_the_worker_keeps_running(
     make_stack: Callable[..., Any], count_dir: Path
 ) -> None:
-    stack = make_stack({"local": stdio_entry(count_dir)})
+    stack = make_stack({"local": stdio_server(count_dir)})
     worker = stack.start_worker()
     stack.queue.app.send_task(
         CALL_TOOL, kwargs={"tool": "count", "arguments": {"key": "pickled"}}, queue=stack.settings.queue,
@@ -56,7 +46,7 @@ def test_pickle_messages_are_refused_and_the_worker_keeps_running(
 
 
 def test_malformed_task_messages_get_specific_errors(make_stack: Callable[..., Any], count_dir: Path) -> None:
-    stack = make_stack({"local": stdio_entry(count_dir)})
+    stack = make_stack({"local": stdio_server(count_dir)})
     stack.start_worker()
     send = stack.queue.app.send_task
     q = stack.settings.queue
@@ -92,7 +82,7 @@ def test_planted_secrets_appear_in_no_log_state_or_result(
             {
                 "remote": {"url": server.url, "headers": {"Authorization": f"Bearer {HEADER_SECRET}"}},
                 "local": {
-                    **stdio_entry(count_dir),
+                    **stdio_server(count_dir),
                     "env": {"MCPQ_TEST_COUNT_DIR": str(count_dir), "K": ENV_SECRET},
                 },
                 "down": {

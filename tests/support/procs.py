@@ -491,3 +491,29 @@ def read_concurrency(count_dir: str | os.PathLike[str], key: str) -> tuple[int, 
     current = int(raw[0]) if raw else 0
     peak = int(raw[1]) if len(raw) > 1 else 0
     return current, peak
+
+
+def local_tcp_ports(pid: int) -> set[int]:
+    """Local ports of the TCP sockets process ``pid`` holds (from /proc)."""
+    inodes: set[str] = set()
+    try:
+        for fd in os.listdir(f"/proc/{pid}/fd"):
+            try:
+                target = os.readlink(f"/proc/{pid}/fd/{fd}")
+            except OSError:
+                continue
+            if target.startswith("socket:["):
+                inodes.add(target[8:-1])
+    except OSError:
+        return set()
+    ports: set[int] = set()
+    for table in (f"/proc/{pid}/net/tcp", f"/proc/{pid}/net/tcp6"):
+        try:
+            lines = Path(table).read_text().splitlines()[1:]
+        except OSError:
+            continue
+        for line in lines:
+            fields = line.split()
+            if len(fields) > 9 and fields[9] in inodes:
+                ports.add(int(fields[1].rsplit(":", 1)[1], 16))
+    return ports

@@ -17,7 +17,7 @@ import redis
 import yaml
 
 from producer.queue import ToolQueue
-from tests.support.procs import REPO_ROOT, descendants, pid_alive, wait_until
+from tests.support.procs import REPO_ROOT, descendants, pid_alive, stdio_command_for_test_server, wait_until
 from worker.settings import Settings
 
 WORKER_READY_TIMEOUT = 60.0
@@ -155,3 +155,15 @@ class WorkerProcess:
 
 def all_gone(pids: list[int]) -> bool:
     return not any(pid_alive(p) for p in pids)
+
+
+def stdio_server(count_dir: Path, *extra_args: str, **fields: Any) -> dict[str, Any]:
+    """Config for tests/servers/test_server.py over stdio, counting into ``count_dir``."""
+    command, args = stdio_command_for_test_server(*extra_args)
+    return {
+        "transport": "stdio",
+        "command": command,
+        "args": args,
+        "env": {"MCPQ_TEST_COUNT_DIR": str(count_dir)},
+        **fields,
+    }
