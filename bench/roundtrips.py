@@ -6,7 +6,11 @@ with MONITOR: every command a client sends is one line; commands that Lua
 scripts run inside Redis are marked ``lua`` and are not round trips, so they
 are left out (``INFO commandstats`` would count them).
 
-    python -m bench.roundtrips [--calls 1000] [--pool threads]
+    python -m bench.roundtrips [--calls 1000] [--pool threads] [--submit each|map]
+
+With ``--submit each`` every call is one ``ToolQueue.submit``, which also
+writes the call to the ledger (one more round trip, from the producer);
+with ``map`` the ledger is written once per chunk of calls.
 """
 
 from __future__ import annotations
@@ -73,6 +77,7 @@ def main(argv: list[str] | None = None) -> int:
     )
     parser.add_argument("--calls", type=int, default=1000)
     parser.add_argument("--pool", default="threads")
+    parser.add_argument("--submit", choices=["each", "map"], default="map")
     args = parser.parse_args(argv)
 
     with EmbeddedRedis() as broker, EmbeddedRedis() as state, tempfile.TemporaryDirectory() as tmp:
@@ -98,8 +103,12 @@ def main(argv: list[str] | None = None) -> int:
                 assert queue.call("echo", {"text": "warm"}, timeout=30).success
             with Monitor(f"{state.url}/0") as monitor:
                 started = time.perf_counter()
-                handles = [queue.submit("echo", {"text": str(i)}, timeout=30) for i in range(args.calls)]
-                failed = sum(not h.result(120).success for h in handles)
+                if args.submit == "each":
+                    handles = [queue.submit("echo", {"text": str(i)}, timeout=30) for i in range(args.calls)]
+                    failed = sum(not h.result(120).success for h in handles)
+                else:
+                    results = queue.map("echo", [{"text": str(i)} for i in range(args.calls)], timeout=30)
+                    failed = sum(not r.success for r in results)
                 elapsed = time.perf_counter() - started
             queue.close()
         finally:
@@ -109,7 +118,10 @@ def main(argv: list[str] | None = None) -> int:
     sent = [c for c in monitor.commands if c.get("client_type") != "lua"]
     in_lua = len(monitor.commands) - len(sent)
     by_command = collections.Counter(str(c["command"]).split(" ", 1)[0].upper() for c in sent)
-    print(f"calls: {args.calls} ({failed} failed) in {elapsed:.2f}s, worker pool {args.pool}")
+    print(
+        f"calls: {args.calls} ({failed} failed) in {elapsed:.2f}s, "
+        f"worker pool {args.pool}, submit {args.submit}"
+    )
     print(f"round trips to the state Redis: {len(sent)} = {len(sent) / args.calls:.3f} per call")
     print(f"(commands run inside Lua scripts, not round trips: {in_lua})")
     for command, n in by_command.most_common():

@@ -537,6 +537,7 @@ class _Run:
         settings = self.tq.settings
         patterns = settings.secret_pattern_list()
         signatures = []
+        ledger_entries: list[tuple[str, dict[str, Any]]] = []
         slots: list[tuple[int, Call, str]] = []
         for index, call in batch:
             task_id = self._task_ids[index] if self._task_ids is not None else str(uuid.uuid4())
@@ -546,16 +547,15 @@ class _Run:
             if call.timeout is not None:
                 kwargs["timeout"] = call.timeout
             self._longest_call = max(self._longest_call, call.timeout or settings.default_timeout)
+            shown = describe_call(call.label, call.arguments, patterns)
             signatures.append(
-                self.app.signature(
-                    CALL_TOOL,
-                    kwargs=kwargs,
-                    task_id=task_id,
-                    argsrepr="()",
-                    kwargsrepr=describe_call(call.label, call.arguments, patterns),
-                )
+                self.app.signature(CALL_TOOL, kwargs=kwargs, task_id=task_id, argsrepr="()", kwargsrepr=shown)
+            )
+            ledger_entries.append(
+                (task_id, {"kwargs": kwargs, "queue": self.queue_name, "kwargsrepr": shown})
             )
             slots.append((index, call, task_id))
+        self.tq.record_in_ledger(ledger_entries)
         try:
             group_result = group(signatures, app=self.app).apply_async(
                 queue=self.queue_name, retry=True, retry_policy=self._publish_retry, add_to_parent=False

@@ -7,6 +7,7 @@ it never imports the MCP SDK.
 from __future__ import annotations
 
 import json
+import logging
 import time
 import uuid
 from typing import Any
@@ -27,12 +28,15 @@ from worker.errors import (
     ServerNotFoundError,
 )
 from worker.keys import Keys
+from worker.ledger import Ledger
 from worker.redact import describe_call
 from worker.result import ToolResult
 from worker.settings import Settings, redact_url
 from worker.task_names import CALL_TOOL, DISCOVER, HEALTH
 
 #: Extra wait beyond the call's own deadline: queueing, connect, result write.
+log = logging.getLogger(__name__)
+
 RESULT_GRACE = 10.0
 #: Publishing retries: enough to ride out a blip, not to hang a caller.
 PUBLISH_RETRY = {"max_retries": 3, "interval_start": 0.1, "interval_step": 0.2, "interval_max": 0.5}
@@ -116,6 +120,7 @@ class ToolQueue:
         self.keys = Keys(self.settings.key_prefix)
         self._secret_patterns = self.settings.secret_pattern_list()
         self._redis: redis.Redis | None = None
+        self._ledger: Ledger | None = None
 
     @classmethod
     def from_env(cls) -> ToolQueue:
@@ -160,18 +165,21 @@ class ToolQueue:
             if first is not None:
                 # Same key, same call, within the window: the first call's result is this one's.
                 return CallHandle(AsyncResult(first, app=self.app), label, wait_hint)
+        queue_name = queue or self.settings.queue
+        shown = describe_call(label, arguments or {}, self._secret_patterns)
+        self.record_in_ledger([(task_id, {"kwargs": kwargs, "queue": queue_name, "kwargsrepr": shown})])
         try:
             async_result = self.app.send_task(
                 CALL_TOOL,
                 kwargs=kwargs,
                 task_id=task_id,
-                queue=queue or self.settings.queue,
+                queue=queue_name,
                 retry=True,
                 retry_policy=PUBLISH_RETRY,
                 # Flower and logs show the tool and the arguments with secret
                 # values masked; the broker message itself still holds them.
                 argsrepr="()",
-                kwargsrepr=describe_call(label, arguments or {}, self._secret_patterns),
+                kwargsrepr=shown,
             )
         except Exception as exc:
             if not _is_connection_failure(exc):
@@ -182,6 +190,20 @@ class ToolQueue:
                 details={"broker": redact_url(self.settings.broker_url)},
             ) from None
         return CallHandle(async_result, label, wait_hint)
+
+    @property
+    def ledger(self) -> Ledger:
+        if self._ledger is None:
+            self._ledger = Ledger(self.redis, self.keys, self.settings.ledger_grace)
+        return self._ledger
+
+    def record_in_ledger(self, entries: list[tuple[str, dict[str, Any]]]) -> None:
+        """Write calls to the ledger before publishing them (see worker/ledger.py).
+        Without the state Redis the calls still go out, without that protection."""
+        try:
+            self.ledger.record(entries)
+        except redis.RedisError as exc:
+            log.warning("could not record %d call(s) in the ledger (state Redis: %s)", len(entries), exc)
 
     def _first_with_key(
         self, key: str, task_id: str, tool: str, arguments: dict[str, Any] | None, server: str | None

@@ -238,6 +238,7 @@ class ServerGuard:
         *,
         claim: Claim | None = None,
         result_json: str = "",
+        finished_task: str = "",
     ) -> str:
         """Record the outcome; returns the breaker state after it."""
         if (
@@ -254,6 +255,8 @@ class ServerGuard:
                         self.keys.breaker(server),
                         self.keys.inflight(server),
                         claim.key if claim else self.keys.breaker(server),
+                        self.keys.ledger,
+                        self.keys.ledger_messages,
                     ],
                     args=[
                         admission.token,
@@ -268,6 +271,7 @@ class ServerGuard:
                         claim.owner if claim else "",
                         result_json,
                         int(claim.ttl * 1000) if claim else 0,
+                        finished_task,
                     ],
                 )
             except (redis.ConnectionError, redis.TimeoutError) as exc:

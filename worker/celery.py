@@ -105,9 +105,12 @@ def _warm_up(sender: Any = None, **_: Any) -> None:
 
     def warm() -> None:
         from worker.manager import get_manager
+        from worker.tasks import start_sweeper
 
         try:
-            result = get_manager().discover()
+            manager = get_manager()
+            start_sweeper(manager)  # calls the broker lost are found even on an idle worker
+            result = manager.discover()
         except Exception as exc:  # warm-up is best effort; calls discover on demand
             log.warning("mcpq warm-up discovery failed: %s", exc)
             return

@@ -48,6 +48,16 @@ class Keys:
         """String: the GCRA theoretical arrival time (ms) of the server's rate limit."""
         return f"{self.prefix}rate:{server}"
 
+    @property
+    def ledger(self) -> str:
+        """Sorted set: task ids of enqueued, unfinished calls, scored by when they are overdue (ms)."""
+        return f"{self.prefix}ledger"
+
+    @property
+    def ledger_messages(self) -> str:
+        """Hash: task id -> the call's message, to publish it again if the broker lost it."""
+        return f"{self.prefix}ledger:messages"
+
     def claim(self, delivery: str) -> str:
         """Hash: the execution claim of one attempt of one call (state, owner, heartbeat, result)."""
         return f"{self.prefix}claim:{delivery}"

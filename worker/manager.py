@@ -26,6 +26,7 @@ from worker.config import MCPQConfig, load_config
 from worker.discovery import Discovery
 from worker.errors import MCPError
 from worker.keys import Keys
+from worker.ledger import Ledger, LedgerSweeper
 from worker.pool import ConnectionPool, OutcomeError, ProtocolChoice, ServerHandshake
 from worker.registry import MCPServerRegistry
 from worker.result import ToolResult
@@ -77,6 +78,8 @@ class MCPClientManager:
             self.redis, self.keys, lease=settings.claim_lease, ttl=max(settings.result_expires, 60.0)
         )
         self.router = ToolRouter(config, self.registry, self.pool, self.discovery, self.guard, self.claims)
+        self.ledger = Ledger(self.redis, self.keys, settings.ledger_grace)
+        self.sweeper: LedgerSweeper | None = None
         self.registry.publish_servers()
 
     # -- hooks from the loop ---------------------------------------------------
@@ -108,6 +111,7 @@ class MCPClientManager:
         request_id: str | None = None,
         claim_key: str | None = None,
         attempt: int = 1,
+        ledger_id: str | None = None,
     ) -> ToolResult:
         return self.router.call(
             tool,
@@ -117,6 +121,7 @@ class MCPClientManager:
             request_id=request_id,
             claim_key=claim_key,
             attempt=attempt,
+            ledger_id=ledger_id,
         )
 
     def discover(self, server: str | None = None) -> dict[str, Any]:
@@ -213,7 +218,15 @@ class MCPClientManager:
         self.pool.run(self.pool.reconnect(server), timeout=30)
         self.pool.loop_call(self.discovery.refresh_soon, server)
 
+    def start_sweeper(self, publish: Any) -> None:
+        """Start republishing calls the broker lost (once per process)."""
+        if self.sweeper is None:
+            self.sweeper = LedgerSweeper(self.ledger, publish, self.settings.restore_interval)
+            self.sweeper.start()
+
     def close(self) -> None:
+        if self.sweeper is not None:
+            self.sweeper.stop()
         self.claims.stop()
         self.pool.close()
         self._io.shutdown(wait=True, cancel_futures=False)

@@ -51,6 +51,9 @@ class Target:
     definition: dict[str, Any]
 
 
+#: Set (and removed again by the task) when the complete script cleared the ledger entry.
+LEDGER_CLEARED = "_ledger_cleared"
+
 #: After a server could not be listed, bare-name calls skip it this long.
 UNREACHABLE_RETRY = 5.0
 
@@ -210,6 +213,7 @@ class ToolRouter:
         started: float,
         claim: Claim | None = None,
         result: ToolResult | None = None,
+        finished_task: str = "",
     ) -> None:
         verdict = "success" if outcome is None else ("failure" if outcome.breaker_failure else "ignore")
         self.guard.complete(
@@ -221,6 +225,7 @@ class ToolRouter:
             outcome.error.code.value if outcome else "",
             claim=claim,
             result_json=json.dumps(result.to_dict()) if result is not None else "",
+            finished_task=finished_task,
         )
 
     # -- call ----------------------------------------------------------------------
@@ -234,6 +239,7 @@ class ToolRouter:
         request_id: str | None = None,
         claim_key: str | None = None,
         attempt: int = 1,
+        ledger_id: str | None = None,
     ) -> ToolResult:
         """Run one call and return its ToolResult; never raises, except
         :class:`CallInProgress` when another live worker holds the call's claim."""
@@ -254,7 +260,9 @@ class ToolRouter:
                 return self._redelivered(tool, target, admission, claim, started, meta)
             self.claims.track(claim)
             try:
-                return self._send(tool, target, args, admission, claim, deadline, budget, started, meta)
+                return self._send(
+                    tool, target, args, admission, claim, deadline, budget, started, meta, ledger_id
+                )
             finally:
                 self.claims.untrack(claim)
         except CallInProgress:
@@ -280,6 +288,7 @@ class ToolRouter:
         budget: float,
         started: float,
         meta: dict[str, Any],
+        ledger_id: str | None = None,
     ) -> ToolResult:
         sent_at = time.monotonic()
         outcome: Outcome | None
@@ -302,7 +311,16 @@ class ToolRouter:
         else:
             outcome = _IGNORED if data.get("isError") else None
             result = self._result(tool, target, data, started, meta)
-        self._complete(target.server, admission, outcome, sent_at, claim, result)
+        # The call's final attempt clears its ledger entry in the same script.
+        final = (
+            result.success
+            or not result.details.get("retry_safe")
+            or meta["attempts"] > target.server.retry_attempts
+        )
+        finished = ledger_id if ledger_id and final else ""
+        self._complete(target.server, admission, outcome, sent_at, claim, result, finished)
+        if finished:
+            result.details[LEDGER_CLEARED] = True
         return result
 
     def _redelivered(

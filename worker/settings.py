@@ -42,6 +42,12 @@ class Settings:
     #: have their values masked wherever a call is described (Flower, logs).
     secret_patterns: str = "token,password,passwd,secret,key,authorization,credential,cookie"
 
+    @property
+    def ledger_grace(self) -> float:
+        """How long an enqueued call may go unfinished before a sweeper publishes it
+        again: by then the broker would long have redelivered it, had it kept it."""
+        return 2 * self.visibility_timeout + self.time_limit + self.restore_interval
+
     def secret_pattern_list(self) -> list[str]:
         return [p.strip() for p in self.secret_patterns.split(",") if p.strip()]
 

@@ -7,11 +7,14 @@ returns a ToolResult dict, never raises.
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import random
+import threading
 import time
 from typing import Any
 
+import redis
 from celery import Task
 
 from worker.celery import app
@@ -20,6 +23,7 @@ from worker.errors import ErrorCode, InternalError, InvalidArgumentsError, MCPEr
 from worker.manager import get_manager
 from worker.redact import describe_call
 from worker.result import ToolResult
+from worker.router import LEDGER_CLEARED
 from worker.task_names import CALL_TOOL, DISCOVER, HEALTH, RECONNECT
 
 log = logging.getLogger(__name__)
@@ -97,14 +101,20 @@ def call_tool(
     def again(countdown: float, **changes: Any) -> Exception:
         """Re-enqueue this call (a new message), never sleeping on a slot.
         The new message gets the same redacted description the producer gave
-        the first one: Celery would otherwise show the raw arguments."""
+        the first one: Celery would otherwise show the raw arguments. Its
+        ledger entry is renewed, so a lost re-enqueue is published again too."""
         label = f"{server}/{tool}" if server else tool
         shown = describe_call(label, arguments or {}, manager.settings.secret_pattern_list())
+        if self.request.id:
+            message = {"kwargs": {**call, **changes}, "queue": _queue_of(self), "kwargsrepr": shown}
+            with contextlib.suppress(redis.RedisError):
+                manager.ledger.record([(self.request.id, message)], extra_grace=countdown)
         retry: Exception = self.retry(
             kwargs={**call, **changes}, countdown=countdown, argsrepr="()", kwargsrepr=shown
         )
         return retry
 
+    start_sweeper(manager)
     # The claim names this attempt of this task: a redelivery of the same
     # message finds it; a retry (a new attempt) takes a new one.
     claim_key = f"{self.request.id}:{attempt}" if self.request.id else None
@@ -117,6 +127,7 @@ def call_tool(
             request_id=request_id,
             claim_key=claim_key,
             attempt=attempt,
+            ledger_id=self.request.id,
         )
     except CallInProgress as busy:
         # A duplicate delivery while the first is still running: wait for it
@@ -130,7 +141,7 @@ def call_tool(
             raise again(countdown, waits=waits + 1)
         if wants_wait:
             result.error = f"{result.error}; gave up waiting at the call's deadline"
-        return result.to_dict()
+        return _final(manager, self, result)
 
     if not result.success and result.details.get("retry_safe") and result.server_name:
         policy = manager.config.mcp_servers[result.server_name]
@@ -142,7 +153,43 @@ def call_tool(
                 request_id, result.server_name, result.error_code, attempt + 1, total, countdown,
             )  # fmt: skip
             raise again(countdown, attempt=attempt + 1, deadline_at=None)
+    return _final(manager, self, result)
+
+
+def _final(manager: Any, task: Task, result: ToolResult) -> dict[str, Any]:
+    """The call's one terminal result: make sure its ledger entry is gone."""
+    if not result.details.pop(LEDGER_CLEARED, False) and task.request.id:
+        try:
+            manager.ledger.clear(task.request.id)
+        except redis.RedisError as exc:  # the sweeper may publish it again; its claim answers
+            log.warning("could not clear call %s from the ledger: %s", task.request.id, exc)
     return result.to_dict()
+
+
+def _queue_of(task: Task) -> str:
+    info = task.request.delivery_info or {}
+    return str(info.get("routing_key") or task.app.conf.task_default_queue)
+
+
+_sweeper_lock = threading.Lock()
+
+
+def start_sweeper(manager: Any) -> None:
+    if manager.sweeper is not None:
+        return
+
+    def publish(task_id: str, message: dict[str, Any]) -> None:
+        app.send_task(
+            CALL_TOOL,
+            kwargs=message["kwargs"],
+            task_id=task_id,
+            queue=message["queue"],
+            argsrepr="()",
+            kwargsrepr=message.get("kwargsrepr") or "(hidden)",
+        )
+
+    with _sweeper_lock:
+        manager.start_sweeper(publish)
 
 
 def _admin(op: str, fn: Any) -> dict[str, Any]:

@@ -105,12 +105,10 @@ def test_a_duplicate_delivery_of_a_finished_call_returns_the_stored_result(
     assert read_count(count_dir, "dup") == 1
 
 
-# The Redis transport is not here on purpose: kombu pops a message (BRPOP) and
-# records it as unacknowledged in a second round trip, and a worker SIGKILLed
-# between the two loses that message (seen: about one run in five). RabbitMQ
-# has no such window. docs/reliability.md says so; the fix (a ledger of
-# enqueued calls swept by workers) is open work.
-@pytest.mark.parametrize("broker", ["amqp"])
+# With Redis, kombu pops a message (BRPOP) and records it as unacknowledged in
+# a second round trip: a worker SIGKILLed in between loses it (about one run
+# in five before the ledger). The ledger of enqueued calls brings it back.
+@pytest.mark.parametrize("broker", ["redis", "amqp"])
 @pytest.mark.parametrize("idempotent", [False, True])
 def test_sigkill_a_worker_mid_batch(
     make_stack: Callable[..., Any], count_dir: Path, broker: str, idempotent: bool
@@ -160,6 +158,32 @@ def test_sigkill_a_worker_mid_batch(
         for r in unknown:
             assert f"pid{victim.pid}" in r.error, r.error
         assert all(e == 1 for e, c in zip(executions, codes, strict=True) if c == "ok")
+
+
+def test_a_message_the_broker_lost_is_published_again(
+    make_stack: Callable[..., Any], count_dir: Path, redis_url: str
+) -> None:
+    # Budgets as small as they go, so the ledger's grace (2 x visibility + hard
+    # limit + restore interval = 17.5 s) passes within the test.
+    env = {
+        "MCPQ_SOFT_TIME_LIMIT": "4",
+        "MCPQ_TIME_LIMIT": "5",
+        "MCPQ_VISIBILITY_TIMEOUT": "6",
+        "MCPQ_RESTORE_INTERVAL": "0.5",
+    }
+    stack = make_stack({"local": stdio_entry(count_dir, timeout=1, connect_timeout=2)}, env=env)
+    handle = stack.queue.submit("count", {"key": "lost"})
+    broker = redis.Redis.from_url(f"{redis_url}/0")
+    # No worker yet: the message waits in the queue. Take it away, as a worker
+    # killed between BRPOP and recording it as unacknowledged would.
+    assert broker.delete(stack.settings.queue) == 1
+    stack.start_worker()
+    result = handle.result(60)
+    assert result.success and result.structured == {"result": 1}
+    assert read_count(count_dir, "lost") == 1
+    assert "was enqueued but never finished; publishing it again" in stack.workers[0].log_tail(200_000)
+    # The finished call left nothing in the ledger.
+    assert stack.state().zcard(f"{stack.settings.key_prefix}ledger") == 0
 
 
 def test_stdio_server_killed_mid_batch(make_stack: Callable[..., Any], count_dir: Path) -> None:

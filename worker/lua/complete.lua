@@ -6,6 +6,7 @@
 -- ARGV[6] failure rate threshold percent (0 = off)   ARGV[7] minimum calls   ARGV[8] window ms
 -- ARGV[9] error code of a failure (for status)
 -- ARGV[10] claim owner ('' = no claim)   ARGV[11] the ToolResult JSON   ARGV[12] claim ttl ms
+-- KEYS[4] ledger zset   KEYS[5] ledger hash   ARGV[13] task id to clear from the ledger ('' = not final)
 --
 -- Returns {state, consecutive_failures, note}
 
@@ -22,6 +23,10 @@ redis.call('ZREM', KEYS[2], token)
 if ARGV[10] ~= '' and redis.call('HGET', KEYS[3], 'owner') == ARGV[10] then
   redis.call('HSET', KEYS[3], 'state', 'done', 'result', ARGV[11], 'finished', now)
   redis.call('PEXPIRE', KEYS[3], tonumber(ARGV[12]))
+end
+if ARGV[13] ~= '' then
+  redis.call('ZREM', KEYS[4], ARGV[13])
+  redis.call('HDEL', KEYS[5], ARGV[13])
 end
 
 local state = redis.call('HGET', KEYS[1], 'state') or 'closed'
