@@ -1,18 +1,23 @@
-"""Fan-out: many tool calls at once, as chunked Celery groups, results read per call.
+"""Fan-out: many tool calls at once, packed into chunk tasks, results read per call.
 
 Shape of a batch (see docs/batch.md for the why):
 
-* calls are published in **chunks** (one ``celery.group`` per chunk, default
-  :data:`DEFAULT_CHUNK_SIZE` calls), each call its own ``mcpq.call_tool`` task
-  message: no giant message, no chord, nothing that collects every result in
-  one place on the worker side;
+* calls are packed into **chunk tasks** (``mcpq.call_chunk``, ``chunk_size``
+  calls each, chosen by :func:`auto_chunk_size` unless given): a worker runs a
+  chunk's calls at once over its pooled sessions, so a call does not pay
+  Celery's per-task cost on its own. Every call keeps its own id, execution
+  claim, breaker accounting, limits, retries and ToolResult, stored under
+  the call's id. ``chunk_size=1`` sends one ``mcpq.call_tool`` task per call;
+* tasks are published in rounds of about :data:`PUBLISH_BATCH` calls; there is
+  no giant message, no chord, nothing that collects every result in one
+  place on the worker side;
 * at most ``window`` calls of a batch are **outstanding** (published, not yet
   answered) at any time (``None``: :data:`DEFAULT_WINDOW`; ``0``: no limit, the
-  default of :func:`submit_many`); the next chunk goes out
+  default of :func:`submit_many`); the next round goes out
   when the window has room for it, so 100,000 calls never sit in the broker at
   once, other producers' calls are not stuck behind the whole batch, and memory
   for pending results stays bounded;
-* results are read **per task** and pushed, not polled: each call's
+* results are read **per call** and pushed, not polled: each call's
   ``AsyncResult`` gets a ``then`` callback and the Redis result backend's
   pub/sub connection is drained; the cost per result is constant, never the
   N² of waiting on a whole ``GroupResult``. A full ``MGET`` over the
@@ -45,17 +50,19 @@ from celery.result import AsyncResult
 from kombu.exceptions import OperationalError
 
 from worker.errors import ErrorCode, InvalidArgumentsError, MCPConnectionError, MCPTimeoutError
-from worker.redact import describe_call
+from worker.redact import describe_call, describe_chunk
 from worker.result import ToolResult
 from worker.settings import redact_url
-from worker.task_names import CALL_TOOL
+from worker.task_names import CALL_CHUNK, CALL_TOOL
 
 if TYPE_CHECKING:
     from producer.queue import ToolQueue
 
-#: Calls per published group. Small enough that publishing one chunk (~1.2 ms
-#: of producer CPU per call, measured) never holds up reading results for long.
-DEFAULT_CHUNK_SIZE = 200
+#: Calls published per round. Small enough that publishing one round never
+#: holds up reading results for long.
+PUBLISH_BATCH = 200
+#: Most calls :func:`auto_chunk_size` packs into one chunk task.
+MAX_AUTO_CHUNK = 25
 #: Calls of one batch outstanding (published, not yet answered) at most.
 DEFAULT_WINDOW = 2000
 #: With push delivery, run a full MGET sweep when nothing arrived for this long...
@@ -185,6 +192,16 @@ def _type_name(value: Any) -> str:
     }.get(type(value), type(value).__name__)
 
 
+def auto_chunk_size(total: int | None) -> int:
+    """Calls per chunk task when the caller names none: one per task for a small
+    batch (its calls spread over every free worker slot at once), more as the
+    batch grows, up to :data:`MAX_AUTO_CHUNK` (a batch of unknown length too),
+    while a batch still makes at least 16 tasks to spread over workers."""
+    if total is None:
+        return MAX_AUTO_CHUNK
+    return max(1, min(MAX_AUTO_CHUNK, total // 16))
+
+
 def coerce_call(item: Call | Mapping[str, Any]) -> Call:
     """A Call as is; a mapping through :meth:`Call.from_dict` (may raise InvalidArgumentsError)."""
     return item if isinstance(item, Call) else Call.from_dict(item)
@@ -209,6 +226,17 @@ def task_result_to_tool_result(label: str, task_id: str, state: str, value: Any)
 
 
 # --------------------------------------------------------------------------- result collection
+
+
+@dataclass(frozen=True, slots=True)
+class _Outgoing:
+    """A call about to be published: its task kwargs and its secret-free description."""
+
+    index: int
+    call: Call
+    task_id: str
+    kwargs: dict[str, Any]
+    shown: str
 
 
 @dataclass(slots=True)
@@ -443,10 +471,13 @@ class _Run:
         self.tq = tq
         self.app = tq.app
         self.queue_name = queue or tq.settings.queue
-        self.chunk_size = chunk_size or DEFAULT_CHUNK_SIZE
-        if window:
-            self.chunk_size = min(self.chunk_size, window)
+        self.total: int | None = len(calls) if isinstance(calls, Sized) else None
         self.window = window or None
+        #: Calls per task, and calls per publishing round (a whole number of tasks).
+        self.chunk_size = chunk_size or auto_chunk_size(self.total)
+        self.publish_batch = max(PUBLISH_BATCH // self.chunk_size, 1) * self.chunk_size
+        if self.window:
+            self.chunk_size = min(self.chunk_size, self.window)
         self.on_progress = on_progress
         self._publish_retry = PUBLISH_RETRY
         self._grace = RESULT_GRACE
@@ -454,11 +485,12 @@ class _Run:
         self._longest_call = 0.0
         self._task_ids = task_ids
         self._input = enumerate(calls)
-        self.total: int | None = len(calls) if isinstance(calls, Sized) else None
         self.exhausted = False
         self.collector = _Collector(self.app)
         self._ready: deque[tuple[int, ToolResult]] = deque()
+        #: Ids of the published tasks: groups of single calls, or chunk tasks.
         self.group_ids: list[str] = []
+        self.chunk_ids: list[str] = []
         self.submitted = 0
         self.done = 0
         self.failed = 0
@@ -512,13 +544,17 @@ class _Run:
     # -- publishing ---------------------------------------------------------------
     def _room(self) -> int:
         if self.window is None:
-            return self.chunk_size
+            return self.publish_batch
         return self.window - len(self.collector)
 
     def _refill(self) -> None:
-        while not self.exhausted and self._room() >= self.chunk_size:
+        while not self.exhausted:
+            # Whole tasks only: a round waits until the window has room for a full chunk.
+            size = min(self.publish_batch, self._room() // self.chunk_size * self.chunk_size)
+            if size <= 0:
+                return
             batch: list[tuple[int, Call]] = []
-            while len(batch) < self.chunk_size:
+            while len(batch) < size:
                 try:
                     index, item = next(self._input)
                 except StopIteration:
@@ -536,9 +572,7 @@ class _Run:
     def _publish(self, batch: list[tuple[int, Call]]) -> None:
         settings = self.tq.settings
         patterns = settings.secret_pattern_list()
-        signatures = []
-        ledger_entries: list[tuple[str, dict[str, Any]]] = []
-        slots: list[tuple[int, Call, str]] = []
+        items: list[_Outgoing] = []
         for index, call in batch:
             task_id = self._task_ids[index] if self._task_ids is not None else str(uuid.uuid4())
             kwargs: dict[str, Any] = {"tool": call.tool, "arguments": call.arguments}
@@ -547,37 +581,99 @@ class _Run:
             if call.timeout is not None:
                 kwargs["timeout"] = call.timeout
             self._longest_call = max(self._longest_call, call.timeout or settings.default_timeout)
-            shown = describe_call(call.label, call.arguments, patterns)
-            signatures.append(
-                self.app.signature(CALL_TOOL, kwargs=kwargs, task_id=task_id, argsrepr="()", kwargsrepr=shown)
+            items.append(
+                _Outgoing(index, call, task_id, kwargs, describe_call(call.label, call.arguments, patterns))
             )
-            ledger_entries.append(
-                (task_id, {"kwargs": kwargs, "queue": self.queue_name, "kwargsrepr": shown})
+        with self._publishing():
+            if self.chunk_size == 1:
+                self._publish_singles(items)
+            else:
+                self._publish_chunks(items)
+        self.submitted += len(batch)
+        self._last_activity = time.monotonic()
+
+    def _publish_singles(self, items: list[_Outgoing]) -> None:
+        """One ``mcpq.call_tool`` task per call, published as one group."""
+        self.tq.record_in_ledger(
+            [
+                (o.task_id, {"kwargs": o.kwargs, "queue": self.queue_name, "kwargsrepr": o.shown})
+                for o in items
+            ]
+        )
+        signatures = [
+            self.app.signature(
+                CALL_TOOL, kwargs=o.kwargs, task_id=o.task_id, argsrepr="()", kwargsrepr=o.shown
             )
-            slots.append((index, call, task_id))
-        self.tq.record_in_ledger(ledger_entries)
+            for o in items
+        ]
+        group_result = group(signatures, app=self.app).apply_async(
+            queue=self.queue_name, retry=True, retry_policy=self._publish_retry, add_to_parent=False
+        )
+        self.group_ids.append(str(group_result.id))
+        children = {str(r.id): r for r in group_result.results}
+        for o in items:
+            result = children.get(o.task_id) or AsyncResult(o.task_id, app=self.app)
+            self.collector.add(_Slot(o.index, o.call.label, result, o.call.timeout))
+
+    def _publish_chunks(self, items: list[_Outgoing]) -> None:
+        """``chunk_size`` calls per ``mcpq.call_chunk`` task. The chunk has no
+        result of its own: each call's result is stored under the call's id."""
+        chunks: list[tuple[str, list[dict[str, Any]], str]] = []
+        for start in range(0, len(items), self.chunk_size):
+            piece = items[start : start + self.chunk_size]
+            calls = [{"id": o.task_id, **o.kwargs} for o in piece]
+            chunks.append((str(uuid.uuid4()), calls, describe_chunk([o.call.label for o in piece])))
+        self.tq.record_in_ledger(
+            [
+                (
+                    chunk_id,
+                    {
+                        "task": CALL_CHUNK,
+                        "kwargs": {"calls": calls},
+                        "queue": self.queue_name,
+                        "kwargsrepr": shown,
+                    },
+                )
+                for chunk_id, calls, shown in chunks
+            ]
+        )
+        # Listen before publishing, so no result can come before its listener.
+        for o in items:
+            self.collector.add(
+                _Slot(o.index, o.call.label, AsyncResult(o.task_id, app=self.app), o.call.timeout)
+            )
+        with self.app.producer_or_acquire() as producer:
+            for chunk_id, calls, shown in chunks:
+                self.app.send_task(
+                    CALL_CHUNK,
+                    kwargs={"calls": calls},
+                    task_id=chunk_id,
+                    queue=self.queue_name,
+                    producer=producer,
+                    retry=True,
+                    retry_policy=self._publish_retry,
+                    ignore_result=True,
+                    argsrepr="()",
+                    kwargsrepr=shown,
+                )
+                self.chunk_ids.append(chunk_id)
+
+    @contextlib.contextmanager
+    def _publishing(self) -> Iterator[None]:
+        """Unreachable broker or result backend -> MCPConnectionError that names it."""
         try:
-            group_result = group(signatures, app=self.app).apply_async(
-                queue=self.queue_name, retry=True, retry_policy=self._publish_retry, add_to_parent=False
-            )
+            yield
         except (OperationalError, redis.RedisError, OSError, RuntimeError) as exc:
             if isinstance(exc, RuntimeError):
                 if not _connection_trouble(exc):
                     raise
                 # Subscribing to the results failed: the result backend is the one down.
                 raise _backend_unreachable(self.app, exc.__cause__ or exc) from None
+            url = redact_url(self.tq.settings.broker_url)
             raise MCPConnectionError(
-                f"cannot reach the broker at {redact_url(settings.broker_url)}: {exc}; "
-                "set MCPQ_BROKER_URL or start Redis",
-                details={"broker": redact_url(settings.broker_url)},
+                f"cannot reach the broker at {url}: {exc}; set MCPQ_BROKER_URL or start Redis",
+                details={"broker": url},
             ) from None
-        self.group_ids.append(str(group_result.id))
-        children = {str(r.id): r for r in group_result.results}
-        for index, call, task_id in slots:
-            result = children.get(task_id) or AsyncResult(task_id, app=self.app)
-            self.collector.add(_Slot(index, call.label, result, call.timeout))
-        self.submitted += len(batch)
-        self._last_activity = time.monotonic()
 
     def track(self, index: int, label: str, task_id: str) -> None:
         """Follow a call published elsewhere (e.g. by another process)."""
@@ -748,7 +844,13 @@ class FanOutHandle:
 
     @property
     def group_ids(self) -> list[str]:
+        """Celery group ids, when calls went out one task each (``chunk_size=1``)."""
         return list(self._run.group_ids)
+
+    @property
+    def chunk_ids(self) -> list[str]:
+        """Task ids of the ``mcpq.call_chunk`` tasks the calls went out in."""
+        return list(self._run.chunk_ids)
 
     @property
     def progress(self) -> Progress:

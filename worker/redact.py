@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+from collections import Counter
 from collections.abc import Sequence
 from typing import Any
 from urllib.parse import urlsplit
@@ -49,6 +50,15 @@ def describe_call(label: str, arguments: Any, patterns: Sequence[str], limit: in
     if len(shown) > limit:
         shown = shown[: limit - 3] + "..."
     return f"{label} {shown}"
+
+
+def describe_chunk(labels: Sequence[str], shown: int = 5) -> str:
+    """What a chunk task holds, for Flower: how many calls of which tools (no arguments)."""
+    counts = Counter(labels).most_common()
+    parts = [f"{label} x{n}" for label, n in counts[:shown]]
+    if len(counts) > shown:
+        parts.append(f"{len(counts) - shown} more tools")
+    return f"{len(labels)} calls: {', '.join(parts)}"
 
 
 def scrub(text: str, config: MCPServerConfig) -> str:

@@ -154,7 +154,9 @@ class ToolRouter:
                 continue
             try:
                 found = self._guarded_discovery(self.registry.get(name), deadline)
-            except MCPError as exc:  # its breaker is open, or it is at its limit
+            except LimitExceededError:
+                raise  # busy, not unreachable: the call waits for the limit like any call
+            except MCPError as exc:  # its breaker is open
                 found = {name: exc}
             if name in found:
                 self._failed_discovery[name] = (time.monotonic(), found[name])

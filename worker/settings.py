@@ -24,6 +24,8 @@ class Settings:
     queue: str = "mcpq"
     default_timeout: float = 60.0
     worker_concurrency: int = 32
+    #: Threads per worker process that run the calls of chunk tasks (fan-out).
+    chunk_concurrency: int = 32
     result_expires: int = 86_400
     #: Seconds without a heartbeat before a running call's worker counts as dead.
     claim_lease: float = 30.0

@@ -1,6 +1,8 @@
 """Task names: the producer sends by name, so these strings are the contract."""
 
 CALL_TOOL = "mcpq.call_tool"
+#: Several calls in one message (fan-out); each call keeps its own id and result.
+CALL_CHUNK = "mcpq.call_chunk"
 DISCOVER = "mcpq.discover"
 HEALTH = "mcpq.health"
 RECONNECT = "mcpq.reconnect"

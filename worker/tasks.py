@@ -9,22 +9,25 @@ from __future__ import annotations
 
 import contextlib
 import logging
-import random
+import os
 import threading
 import time
+from collections import Counter
+from concurrent.futures import ThreadPoolExecutor
 from typing import Any
 
 import redis
-from celery import Task
+from celery import Task, states
 
 from worker.celery import app
 from worker.claims import CallInProgress
-from worker.errors import ErrorCode, InternalError, InvalidArgumentsError, MCPError
-from worker.manager import get_manager
+from worker.errors import InternalError, InvalidArgumentsError, MCPError
+from worker.followup import Again, next_step, when_busy
+from worker.manager import MCPClientManager, get_manager
 from worker.redact import describe_call
 from worker.result import ToolResult
 from worker.router import LEDGER_CLEARED
-from worker.task_names import CALL_TOOL, DISCOVER, HEALTH, RECONNECT
+from worker.task_names import CALL_CHUNK, CALL_TOOL, DISCOVER, HEALTH, RECONNECT
 
 log = logging.getLogger(__name__)
 
@@ -43,18 +46,6 @@ def _check_call_shape(tool: Any, arguments: Any, server: Any, timeout: Any) -> M
     ):
         return InternalError(f"malformed task: 'timeout' must be a positive number, got {timeout!r}")
     return None
-
-
-def backoff(attempt: int, base: float, cap: float) -> float:
-    """Exponential backoff with jitter for the retry after ``attempt``."""
-    return float(min(cap, base * 2.0 ** (attempt - 1))) * random.uniform(0.5, 1.0)
-
-
-def _wait_countdown(result: ToolResult, waits: int) -> float:
-    """How long to stay off a worker slot before asking again (limits, open breakers)."""
-    hinted = float(result.details.get("retry_after") or 0.0)
-    fallback = min(1.0, 0.05 * 2 ** min(waits, 5)) * random.uniform(0.5, 1.5)
-    return float(max(hinted, 0.0) or fallback)
 
 
 @app.task(name=CALL_TOOL, bind=True, max_retries=None)
@@ -130,29 +121,11 @@ def call_tool(
             ledger_id=self.request.id,
         )
     except CallInProgress as busy:
-        # A duplicate delivery while the first is still running: wait for it
-        # off-slot; the claim then holds the one result, or shows its owner died.
-        raise again(max(min(busy.retry_after, 5.0), 0.2)) from None
-
-    if result.error_code in (ErrorCode.LIMIT_EXCEEDED, ErrorCode.CIRCUIT_OPEN):
-        wants_wait = result.error_code == ErrorCode.LIMIT_EXCEEDED or result.details.get("defer")
-        countdown = _wait_countdown(result, waits)
-        if wants_wait and time.time() + countdown < deadline_at:
-            raise again(countdown, waits=waits + 1)
-        if wants_wait:
-            result.error = f"{result.error}; gave up waiting at the call's deadline"
-        return _final(manager, self, result)
-
-    if not result.success and result.details.get("retry_safe") and result.server_name:
-        policy = manager.config.mcp_servers[result.server_name]
-        if attempt <= policy.retry_attempts:
-            countdown = backoff(attempt, policy.retry_delay, policy.retry_max_delay)
-            total = policy.retry_attempts + 1
-            log.info(
-                "call %s to %r failed (%s); attempt %d of %d in %.2fs",
-                request_id, result.server_name, result.error_code, attempt + 1, total, countdown,
-            )  # fmt: skip
-            raise again(countdown, attempt=attempt + 1, deadline_at=None)
+        step: Again | None = when_busy(busy)
+    else:
+        step = next_step(manager.config, result, attempt=attempt, waits=waits, deadline_at=deadline_at)
+    if step is not None:
+        raise again(step.countdown, **step.changes)
     return _final(manager, self, result)
 
 
@@ -171,6 +144,137 @@ def _queue_of(task: Task) -> str:
     return str(info.get("routing_key") or task.app.conf.task_default_queue)
 
 
+# --------------------------------------------------------------------------- chunks
+
+_executor_lock = threading.Lock()
+_executor: tuple[int, ThreadPoolExecutor] | None = None
+
+
+def _chunk_executor(size: int) -> ThreadPoolExecutor:
+    """This process's threads for the calls of chunk tasks (made after any fork)."""
+    global _executor
+    with _executor_lock:
+        if _executor is None or _executor[0] != os.getpid():
+            _executor = (os.getpid(), ThreadPoolExecutor(size, thread_name_prefix="mcpq-chunk"))
+        return _executor[1]
+
+
+@app.task(name=CALL_CHUNK, bind=True, ignore_result=True)
+def call_chunk(self: Task, calls: Any = None, **unknown: Any) -> dict[str, Any]:
+    """Run a chunk's calls at once over this process's pooled sessions.
+
+    Each call is what it would be as its own ``mcpq.call_tool`` task: its own
+    execution claim (``<call id>:<attempt>``), breaker accounting, limits and
+    validation, and its ToolResult stored under the call's id, where the
+    producer waits for it. A call that must wait or retry leaves the chunk as
+    an ``mcpq.call_tool`` message with the call's id, so its later attempts
+    are single calls. A redelivered chunk re-runs only the calls whose claims
+    hold no result; the others are answered from their claims.
+    """
+    if not isinstance(calls, list) or unknown:
+        log.error(
+            "malformed chunk %s: 'calls' must be a list%s",
+            self.request.id,
+            " (unknown fields)" * bool(unknown),
+        )
+        return {"ok": False, "error": "malformed chunk"}
+    try:
+        manager = get_manager()
+    except MCPError as exc:
+        log.error("mcpq cannot start its manager: %s", exc.message)
+        manager = None
+    queue = _queue_of(self)
+    if manager is None:
+        outcomes = [
+            _store_failure(entry, InternalError("mcpq could not start on this worker")) for entry in calls
+        ]
+    else:
+        start_sweeper(manager)
+        pool = _chunk_executor(manager.settings.chunk_concurrency)
+        futures = [pool.submit(_run_chunk_call, manager, entry, queue) for entry in calls]
+        outcomes = [future.result() for future in futures]
+        if self.request.id:
+            try:
+                manager.ledger.clear(self.request.id)
+            except redis.RedisError as exc:  # a republished chunk is answered from its claims
+                log.warning("could not clear chunk %s from the ledger: %s", self.request.id, exc)
+    counts = Counter(outcomes)
+    return {"ok": True, "calls": len(calls), **dict(sorted(counts.items()))}
+
+
+def _run_chunk_call(manager: MCPClientManager, entry: Any, queue: str) -> str:
+    """One call of a chunk, start to its final result or hand-off; never raises."""
+    if not isinstance(entry, dict) or not isinstance(entry.get("id"), str) or not entry["id"]:
+        log.error("malformed call in a chunk (no id): dropped")
+        return "malformed"
+    call_id: str = entry["id"]
+    tool: Any = entry.get("tool")
+    arguments, server, timeout = entry.get("arguments"), entry.get("server"), entry.get("timeout")
+    problem = _check_call_shape(tool, arguments, server, timeout)
+    if problem is None and set(entry) - _CHUNK_CALL_FIELDS:
+        problem = InternalError(f"malformed call: unknown fields {sorted(set(entry) - _CHUNK_CALL_FIELDS)}")
+    if problem is not None:
+        return _store_failure(entry, problem)
+    try:
+        deadline_at = time.time() + (timeout or manager.router.default_timeout(tool, server))
+        try:
+            result = manager.call_tool(
+                tool, arguments, server=server, timeout=timeout,
+                request_id=call_id, claim_key=f"{call_id}:1", attempt=1,
+            )  # fmt: skip
+        except CallInProgress as busy:
+            step: Again | None = when_busy(busy)
+        else:
+            step = next_step(manager.config, result, attempt=1, waits=0, deadline_at=deadline_at)
+        if step is not None:
+            kwargs = {
+                "tool": tool, "arguments": arguments, "server": server, "timeout": timeout,
+                "request_id": call_id, "attempt": 1, "deadline_at": deadline_at, "waits": 0,
+                **step.changes,
+            }  # fmt: skip
+            _requeue(manager, call_id, kwargs, step.countdown, queue)
+            return "requeued"
+        app.backend.store_result(call_id, result.to_dict(), states.SUCCESS)
+        return "succeeded" if result.success else "failed"
+    except Exception as exc:  # one call must not take the chunk's other calls down
+        log.exception("chunk call %s failed inside mcpq", call_id)
+        return _store_failure(
+            entry, InternalError(f"mcpq failed while calling {tool!r}: {type(exc).__name__}: {exc}")
+        )
+
+
+_CHUNK_CALL_FIELDS = frozenset({"id", "tool", "arguments", "server", "timeout"})
+
+
+def _store_failure(entry: Any, error: MCPError) -> str:
+    call_id = entry.get("id") if isinstance(entry, dict) else None
+    if not isinstance(call_id, str) or not call_id:
+        return "malformed"
+    tool = entry.get("tool")
+    result = ToolResult.failure(tool if isinstance(tool, str) else "?", error, request_id=call_id)
+    try:
+        app.backend.store_result(call_id, result.to_dict(), states.SUCCESS)
+    except Exception:  # the producer's stall timeout reports it then
+        log.exception("could not store the result of call %s", call_id)
+    return "failed"
+
+
+def _requeue(
+    manager: MCPClientManager, call_id: str, kwargs: dict[str, Any], countdown: float, queue: str
+) -> None:
+    """Send a chunk's call on as its own ``mcpq.call_tool`` task (recorded in the ledger first)."""
+    label = f"{kwargs['server']}/{kwargs['tool']}" if kwargs.get("server") else str(kwargs["tool"])
+    shown = describe_call(label, kwargs.get("arguments") or {}, manager.settings.secret_pattern_list())
+    with contextlib.suppress(redis.RedisError):
+        manager.ledger.record(
+            [(call_id, {"kwargs": kwargs, "queue": queue, "kwargsrepr": shown})], extra_grace=countdown
+        )
+    app.send_task(
+        CALL_TOOL, kwargs=kwargs, task_id=call_id, countdown=countdown, queue=queue,
+        argsrepr="()", kwargsrepr=shown,
+    )  # fmt: skip
+
+
 _sweeper_lock = threading.Lock()
 
 
@@ -179,8 +283,12 @@ def start_sweeper(manager: Any) -> None:
         return
 
     def publish(task_id: str, message: dict[str, Any]) -> None:
+        name = message.get("task", CALL_TOOL)
+        if name not in (CALL_TOOL, CALL_CHUNK):  # the ledger lives in Redis: trust no name
+            log.error("ledger entry %s names task %r; dropped", task_id, name)
+            return
         app.send_task(
-            CALL_TOOL,
+            name,
             kwargs=message["kwargs"],
             task_id=task_id,
             queue=message["queue"],

@@ -114,7 +114,7 @@ def test_submit_many_handle_and_attach(make_stack: Callable[..., Any], count_dir
     calls = [Call("add", {"a": i, "b": i}, timeout=30) for i in range(50)]
     handle: FanOutHandle = stack.queue.submit_many(calls, chunk_size=16)
     assert len(handle.ids) == 50 and len(set(handle.ids)) == 50
-    assert len(handle.group_ids) == 4  # 16 + 16 + 16 + 2, every chunk published already
+    assert len(handle.chunk_ids) == 4  # 16 + 16 + 16 + 2 calls, every chunk task published already
     # Another ToolQueue (as another process would) follows the same calls by
     # id, looking now and then without waiting (as an HTTP status endpoint would).
     other = ToolQueue(stack.settings)

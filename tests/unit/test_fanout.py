@@ -180,8 +180,8 @@ def test_engine_window_chunks_progress_and_order(monkeypatch: pytest.MonkeyPatch
     run, tq = make_run(calls, monkeypatch, chunk_size=4, window=10, on_progress=seen.append)
     got = list(run.drain())
     assert sorted(i for i, _ in got) == list(range(25))
-    # every published group is at most chunk_size, and never more than `window` outstanding
-    assert all(len(chunk) <= 4 for chunk in tq.published)
+    # rounds are whole chunk tasks (4 calls) while the input lasts, and never more than `window` outstanding
+    assert all(len(batch) % 4 == 0 and len(batch) <= 8 for batch in tq.published[:-1])
     assert sum(len(chunk) for chunk in tq.published) == 24  # the malformed call is never published
     assert run.collector.max_pending <= 10  # type: ignore[attr-defined]
     results = dict(got)
@@ -209,8 +209,23 @@ def test_engine_generator_input_total_unknown_until_read(monkeypatch: pytest.Mon
 def test_engine_window_zero_publishes_everything_up_front(monkeypatch: pytest.MonkeyPatch) -> None:
     run, tq = make_run([Call("add", {"i": i}) for i in range(10)], monkeypatch, chunk_size=3, window=0)
     run._refill()
-    assert [len(c) for c in tq.published] == [3, 3, 3, 1]
+    assert [len(c) for c in tq.published] == [10]
     assert run.exhausted and run.total == 10
+
+
+def test_engine_rounds_are_whole_chunks_up_to_the_publish_batch(monkeypatch: pytest.MonkeyPatch) -> None:
+    run, tq = make_run([Call("add", {"i": i}) for i in range(1000)], monkeypatch, chunk_size=30, window=0)
+    run._refill()
+    # 200 calls a round, rounded down to whole 30-call chunk tasks
+    assert [len(c) for c in tq.published] == [180] * 5 + [100]
+
+
+def test_auto_chunk_size_grows_with_the_batch() -> None:
+    assert fanout.auto_chunk_size(1) == 1
+    assert fanout.auto_chunk_size(31) == 1  # a small batch: one task per call, spread over all slots
+    assert fanout.auto_chunk_size(100) == 6
+    assert fanout.auto_chunk_size(5000) == fanout.MAX_AUTO_CHUNK
+    assert fanout.auto_chunk_size(None) == fanout.MAX_AUTO_CHUNK  # a generator: length unknown
 
 
 def test_engine_rejects_bad_sizes(monkeypatch: pytest.MonkeyPatch) -> None:

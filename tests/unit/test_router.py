@@ -23,6 +23,7 @@ from worker.config import MCPQConfig, parse_config
 from worker.errors import (
     AmbiguousToolError,
     ErrorCode,
+    LimitExceededError,
     MCPConnectionError,
     MCPError,
     ServerDisabledError,
@@ -259,6 +260,23 @@ def test_unreachable_servers_are_named_when_a_tool_is_unknown(world: World) -> N
         resolve(world, "late_tool")
     assert info.value.message.endswith("(not reachable to list their tools: late)")
     assert info.value.details["unreachable"] == ["late"]
+
+
+def test_a_server_at_its_limit_is_busy_not_unreachable(world: World, monkeypatch: pytest.MonkeyPatch) -> None:
+    # Listing a server's tools takes a slot of its limits like a call; a full
+    # server must make the call wait, not report the tool as unknown.
+    def at_limit(config: Any, deadline: float, claim: Any = None) -> Any:
+        raise LimitExceededError(
+            f"server {config.name!r} is at its concurrency limit", details={"retry_after": 0.1}
+        )
+
+    monkeypatch.setattr(world.router, "_admit", at_limit)
+    world.discovery.discovers["late"] = toolset(tool("late_tool"))
+    with pytest.raises(LimitExceededError):
+        resolve(world, "late_tool")
+    monkeypatch.undo()
+    # Nothing was remembered as unreachable: the next call lists the server at once.
+    assert resolve(world, "late_tool").server.name == "late"
 
 
 @pytest.mark.parametrize(("name", "server"), [("x", "nope"), ("nope/x", None)])
