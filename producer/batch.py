@@ -415,7 +415,11 @@ def _queue() -> Any:
     show_default=True,
     help="Calls outstanding at most (0: publish everything at once).",
 )
-@click.option("--chunk-size", type=click.IntRange(min=1), help="Calls per published group.")
+@click.option(
+    "--chunk-size",
+    type=click.IntRange(min=1),
+    help="Calls per Celery task (default: chosen from the batch size; 1: one task per call).",
+)
 @click.option("--queue", "task_queue", help="Queue to send the calls to (default MCPQ_QUEUE).")
 @click.option(
     "--stall-timeout",

@@ -367,11 +367,12 @@ class ToolQueue:
         queue: str | None = None,
         stall_timeout: float | None = None,
     ) -> list[ToolResult]:
-        """``tool`` once per dict in ``arguments`` (an iterable), as chunked
-        groups; one ToolResult per call, in input order. A failed call never
+        """``tool`` once per dict in ``arguments`` (an iterable), packed into
+        chunk tasks; one ToolResult per call, in input order. A failed call never
         fails the batch. ``on_progress(Progress)`` runs after every result;
-        ``window`` caps calls outstanding at once (None: the default,
-        ``fanout.DEFAULT_WINDOW``; 0: no cap)."""
+        ``chunk_size`` is calls per task (None: ``fanout.auto_chunk_size``; 1:
+        one task per call); ``window`` caps calls outstanding at once (None: the
+        default, ``fanout.DEFAULT_WINDOW``; 0: no cap)."""
         from producer import fanout
 
         return fanout.map_calls(

@@ -160,6 +160,54 @@ def test_sigkill_a_worker_mid_batch(
         assert all(e == 1 for e, c in zip(executions, codes, strict=True) if c == "ok")
 
 
+@pytest.mark.parametrize("idempotent", [False, True])
+def test_sigkill_a_worker_mid_chunked_batch(
+    make_stack: Callable[..., Any], count_dir: Path, idempotent: bool
+) -> None:
+    """The same guarantee with calls packed into chunk tasks: the killed worker's
+    chunks come back, and only their unfinished calls run again (by the rules
+    for a single call: a call that was running is re-run only if idempotent)."""
+    from producer.fanout import Call
+
+    n = 1000
+    stack: Stack = make_stack(
+        {
+            "local": stdio_entry(
+                count_dir,
+                idempotent=idempotent,
+                retry_attempts=2 if idempotent else 0,
+                circuit_breaker_threshold=10_000,
+            )
+        },
+        env=FAST,
+    )
+    victim = stack.start_worker(concurrency=4)
+    survivor = stack.start_worker(concurrency=4)
+    handle = stack.queue.submit_many(
+        [Call("slow_count", {"key": f"k{i}", "ms": 20}) for i in range(n)], chunk_size=20
+    )
+    assert len(handle.chunk_ids) == n // 20
+    wait_until(lambda: sum(read_count(count_dir, f"k{i}") for i in range(0, n, 10)) >= 15, 60, interval=0.05)
+    victim.kill()
+
+    results = handle.results(timeout=240)
+    assert survivor.proc is not None and survivor.proc.poll() is None
+    executions = [read_count(count_dir, f"k{i}") for i in range(n)]
+    codes = [r.error_code or "ok" for r in results]
+    problems = {r.error for r in results if r.error_code not in (None, "outcome_unknown")}
+    if idempotent:
+        assert codes == ["ok"] * n, problems
+        assert all(e >= 1 for e in executions)
+    else:
+        assert set(codes) <= {"ok", "outcome_unknown", "timeout"}, problems
+        assert max(executions) <= 1, "a non-idempotent call ran twice"
+        unknown = [r for r in results if r.error_code == "outcome_unknown"]
+        assert len(unknown) <= 32  # at most one chunk thread pool's worth was running
+        for r in unknown:
+            assert f"pid{victim.pid}" in r.error, r.error
+        assert all(e == 1 for e, c in zip(executions, codes, strict=True) if c == "ok")
+
+
 def test_a_message_the_broker_lost_is_published_again(
     make_stack: Callable[..., Any], count_dir: Path, redis_url: str
 ) -> None:
