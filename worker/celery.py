@@ -13,7 +13,7 @@ from typing import Any
 from celery import Celery, signals
 
 from worker.settings import Settings
-from worker.task_names import CALL_TOOL, DISCOVER, HEALTH, RECONNECT
+from worker.task_names import CALL_CHUNK, CALL_TOOL, DISCOVER, HEALTH, RECONNECT
 
 log = logging.getLogger(__name__)
 
@@ -30,7 +30,9 @@ def make_app(settings: Settings | None = None) -> Celery:
         result_accept_content=["json"],
         event_serializer="json",
         task_default_queue=settings.queue,
-        task_routes={name: {"queue": settings.queue} for name in (CALL_TOOL, DISCOVER, HEALTH, RECONNECT)},
+        task_routes={
+            name: {"queue": settings.queue} for name in (CALL_TOOL, CALL_CHUNK, DISCOVER, HEALTH, RECONNECT)
+        },
         result_expires=settings.result_expires,
         # Tool calls wait on I/O: many threads per process, multiplexed over
         # one MCP session per server, beat one process per call.
@@ -49,8 +51,9 @@ def make_app(settings: Settings | None = None) -> Celery:
         broker_connection_retry_on_startup=True,
         # Flower sees every call: sent, started, succeeded (events are JSON;
         # the producer's kwargsrepr keeps argument secrets out of them).
-        worker_send_task_events=True,
-        task_send_sent_event=True,
+        # MCPQ_TASK_EVENTS=0 turns them off where nobody watches.
+        worker_send_task_events=settings.task_events,
+        task_send_sent_event=settings.task_events,
         task_track_started=True,
         result_extended=False,
         # A result write that meets a dropped connection is retried, not turned

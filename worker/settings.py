@@ -40,6 +40,9 @@ class Settings:
     #: How long an idempotency key maps to its first call.
     idempotency_window: float = 86_400.0
     admin_token: str | None = field(default=None, repr=False)
+    #: Celery task events (what Flower shows). Off saves a PUBLISH per task
+    #: state change for fleets nobody watches.
+    task_events: bool = True
     #: Argument names containing any of these (comma-separated, case-insensitive)
     #: have their values masked wherever a call is described (Flower, logs).
     secret_patterns: str = "token,password,passwd,secret,key,authorization,credential,cookie"
@@ -80,7 +83,19 @@ class Settings:
         return out
 
 
+_TRUE = {"1", "true", "yes", "on"}
+_FALSE = {"0", "false", "no", "off"}
+
+
 def _coerce(name: str, raw: str, kind: type) -> Any:
+    if kind is bool:
+        if raw.strip().lower() in _TRUE | _FALSE:
+            return raw.strip().lower() in _TRUE
+        from worker.errors import ConfigError
+
+        raise ConfigError(
+            f"MCPQ_{name.upper()}={raw!r} is not a boolean (use 1/0, true/false, yes/no, on/off)"
+        )
     try:
         if kind is int:
             return int(raw)

@@ -234,6 +234,8 @@ ALL_ENV = {
     "MCPQ_VISIBILITY_TIMEOUT": "120",
     "MCPQ_IDEMPOTENCY_WINDOW": "60",
     "MCPQ_RESTORE_INTERVAL": "2",
+    "MCPQ_CHUNK_CONCURRENCY": "12",
+    "MCPQ_TASK_EVENTS": "off",
 }
 
 
@@ -250,6 +252,7 @@ def test_settings_defaults() -> None:
 
 def test_settings_read_every_variable() -> None:
     settings = Settings.from_env(ALL_ENV)
+    assert (settings.chunk_concurrency, settings.task_events) == (12, False)
     assert settings.broker_url == "redis://b:6379/5"
     assert settings.result_backend == "redis://r:6379/6"
     assert settings.redis_url == "redis://:pw@s:6379/7"
@@ -315,6 +318,37 @@ def test_bad_number_names_the_variable(name: str, raw: str, kind: str) -> None:
         Settings.from_env({name: raw})
     assert info.value.code == ErrorCode.CONFIG_ERROR
     assert info.value.message == f"{name}={raw!r} is not a valid {kind}"
+
+
+@pytest.mark.parametrize(
+    ("raw", "expected"), [("0", False), ("off", False), ("No", False), ("1", True), ("true", True)]
+)
+def test_task_events_switch(raw: str, expected: bool) -> None:
+    from worker.celery import make_app
+
+    settings = Settings.from_env({"MCPQ_TASK_EVENTS": raw})
+    assert settings.task_events is expected
+    conf = make_app(settings).conf
+    assert conf.worker_send_task_events is expected and conf.task_send_sent_event is expected
+
+
+def test_task_events_default_on_and_bad_boolean_named() -> None:
+    assert Settings.from_env({}).task_events is True
+    with pytest.raises(ConfigError) as info:
+        Settings.from_env({"MCPQ_TASK_EVENTS": "maybe"})
+    assert "MCPQ_TASK_EVENTS='maybe' is not a boolean" in info.value.message
+
+
+def test_chunk_tasks_and_describe_chunk() -> None:
+    from worker.celery import make_app
+    from worker.redact import describe_chunk
+    from worker.task_names import CALL_CHUNK
+
+    assert make_app(Settings(queue="q1")).conf.task_routes[CALL_CHUNK] == {"queue": "q1"}
+    labels = ["echo"] * 3 + ["local/add"] * 2 + [f"t{i}" for i in range(6)]
+    shown = describe_chunk(labels)
+    assert shown.startswith("11 calls: t") or shown.startswith("11 calls: echo x3, local/add x2")
+    assert "echo x3" in shown and "local/add x2" in shown and "more tools" in shown
 
 
 @pytest.mark.parametrize(
