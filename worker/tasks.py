@@ -17,7 +17,7 @@ from concurrent.futures import ThreadPoolExecutor
 from typing import Any
 
 import redis
-from celery import Task, states
+from celery import Task
 
 from worker.celery import app
 from worker.claims import CallInProgress
@@ -26,6 +26,7 @@ from worker.followup import Again, next_step, when_busy
 from worker.manager import MCPClientManager, get_manager
 from worker.redact import describe_call
 from worker.result import ToolResult
+from worker.result_writer import ResultWriter
 from worker.router import LEDGER_CLEARED
 from worker.task_names import CALL_CHUNK, CALL_TOOL, DISCOVER, HEALTH, RECONNECT
 
@@ -146,17 +147,19 @@ def _queue_of(task: Task) -> str:
 
 # --------------------------------------------------------------------------- chunks
 
-_executor_lock = threading.Lock()
-_executor: tuple[int, ThreadPoolExecutor] | None = None
+_runtime_lock = threading.Lock()
+_runtime: tuple[int, ThreadPoolExecutor, ResultWriter] | None = None
 
 
-def _chunk_executor(size: int) -> ThreadPoolExecutor:
-    """This process's threads for the calls of chunk tasks (made after any fork)."""
-    global _executor
-    with _executor_lock:
-        if _executor is None or _executor[0] != os.getpid():
-            _executor = (os.getpid(), ThreadPoolExecutor(size, thread_name_prefix="mcpq-chunk"))
-        return _executor[1]
+def _chunk_runtime(size: int) -> tuple[ThreadPoolExecutor, ResultWriter]:
+    """This process's threads for the calls of chunk tasks and its result
+    writer (made in the process that uses them, after any fork)."""
+    global _runtime
+    with _runtime_lock:
+        if _runtime is None or _runtime[0] != os.getpid():
+            executor = ThreadPoolExecutor(size, thread_name_prefix="mcpq-chunk")
+            _runtime = (os.getpid(), executor, ResultWriter(app))
+        return _runtime[1], _runtime[2]
 
 
 @app.task(name=CALL_CHUNK, bind=True, ignore_result=True)
@@ -184,14 +187,13 @@ def call_chunk(self: Task, calls: Any = None, **unknown: Any) -> dict[str, Any]:
         log.error("mcpq cannot start its manager: %s", exc.message)
         manager = None
     queue = _queue_of(self)
+    pool, writer = _chunk_runtime(manager.settings.chunk_concurrency if manager else 1)
     if manager is None:
-        outcomes = [
-            _store_failure(entry, InternalError("mcpq could not start on this worker")) for entry in calls
-        ]
+        problem = InternalError("mcpq could not start on this worker")
+        outcomes = [_store_failure(writer, entry, problem) for entry in calls]
     else:
         start_sweeper(manager)
-        pool = _chunk_executor(manager.settings.chunk_concurrency)
-        futures = [pool.submit(_run_chunk_call, manager, entry, queue) for entry in calls]
+        futures = [pool.submit(_run_chunk_call, manager, writer, entry, queue) for entry in calls]
         outcomes = [future.result() for future in futures]
         if self.request.id:
             try:
@@ -202,7 +204,7 @@ def call_chunk(self: Task, calls: Any = None, **unknown: Any) -> dict[str, Any]:
     return {"ok": True, "calls": len(calls), **dict(sorted(counts.items()))}
 
 
-def _run_chunk_call(manager: MCPClientManager, entry: Any, queue: str) -> str:
+def _run_chunk_call(manager: MCPClientManager, writer: ResultWriter, entry: Any, queue: str) -> str:
     """One call of a chunk, start to its final result or hand-off; never raises."""
     if not isinstance(entry, dict) or not isinstance(entry.get("id"), str) or not entry["id"]:
         log.error("malformed call in a chunk (no id): dropped")
@@ -214,7 +216,7 @@ def _run_chunk_call(manager: MCPClientManager, entry: Any, queue: str) -> str:
     if problem is None and set(entry) - _CHUNK_CALL_FIELDS:
         problem = InternalError(f"malformed call: unknown fields {sorted(set(entry) - _CHUNK_CALL_FIELDS)}")
     if problem is not None:
-        return _store_failure(entry, problem)
+        return _store_failure(writer, entry, problem)
     try:
         deadline_at = time.time() + (timeout or manager.router.default_timeout(tool, server))
         try:
@@ -234,26 +236,26 @@ def _run_chunk_call(manager: MCPClientManager, entry: Any, queue: str) -> str:
             }  # fmt: skip
             _requeue(manager, call_id, kwargs, step.countdown, queue)
             return "requeued"
-        app.backend.store_result(call_id, result.to_dict(), states.SUCCESS)
+        writer.store(call_id, result.to_dict())
         return "succeeded" if result.success else "failed"
     except Exception as exc:  # one call must not take the chunk's other calls down
         log.exception("chunk call %s failed inside mcpq", call_id)
         return _store_failure(
-            entry, InternalError(f"mcpq failed while calling {tool!r}: {type(exc).__name__}: {exc}")
+            writer, entry, InternalError(f"mcpq failed while calling {tool!r}: {type(exc).__name__}: {exc}")
         )
 
 
 _CHUNK_CALL_FIELDS = frozenset({"id", "tool", "arguments", "server", "timeout"})
 
 
-def _store_failure(entry: Any, error: MCPError) -> str:
+def _store_failure(writer: ResultWriter, entry: Any, error: MCPError) -> str:
     call_id = entry.get("id") if isinstance(entry, dict) else None
     if not isinstance(call_id, str) or not call_id:
         return "malformed"
     tool = entry.get("tool")
     result = ToolResult.failure(tool if isinstance(tool, str) else "?", error, request_id=call_id)
     try:
-        app.backend.store_result(call_id, result.to_dict(), states.SUCCESS)
+        writer.store(call_id, result.to_dict())
     except Exception:  # the producer's stall timeout reports it then
         log.exception("could not store the result of call %s", call_id)
     return "failed"
