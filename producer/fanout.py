@@ -228,15 +228,16 @@ def task_result_to_tool_result(label: str, task_id: str, state: str, value: Any)
 # --------------------------------------------------------------------------- result collection
 
 
-@dataclass(frozen=True, slots=True)
+@dataclass(slots=True)
 class _Outgoing:
-    """A call about to be published: its task kwargs and its secret-free description."""
+    """A call about to be published: its task kwargs and (as a task of its own)
+    its secret-free description."""
 
     index: int
     call: Call
     task_id: str
     kwargs: dict[str, Any]
-    shown: str
+    shown: str = ""
 
 
 @dataclass(slots=True)
@@ -571,7 +572,6 @@ class _Run:
 
     def _publish(self, batch: list[tuple[int, Call]]) -> None:
         settings = self.tq.settings
-        patterns = settings.secret_pattern_list()
         items: list[_Outgoing] = []
         for index, call in batch:
             task_id = self._task_ids[index] if self._task_ids is not None else str(uuid.uuid4())
@@ -581,9 +581,7 @@ class _Run:
             if call.timeout is not None:
                 kwargs["timeout"] = call.timeout
             self._longest_call = max(self._longest_call, call.timeout or settings.default_timeout)
-            items.append(
-                _Outgoing(index, call, task_id, kwargs, describe_call(call.label, call.arguments, patterns))
-            )
+            items.append(_Outgoing(index, call, task_id, kwargs))
         with self._publishing():
             if self.chunk_size == 1:
                 self._publish_singles(items)
@@ -594,6 +592,9 @@ class _Run:
 
     def _publish_singles(self, items: list[_Outgoing]) -> None:
         """One ``mcpq.call_tool`` task per call, published as one group."""
+        patterns = self.tq.settings.secret_pattern_list()
+        for o in items:
+            o.shown = describe_call(o.call.label, o.call.arguments, patterns)
         self.tq.record_in_ledger(
             [
                 (o.task_id, {"kwargs": o.kwargs, "queue": self.queue_name, "kwargsrepr": o.shown})

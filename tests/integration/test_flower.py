@@ -50,8 +50,8 @@ class Flower:
         assert response.status_code == 200, f"GET {path}: {response.status_code} {response.text[:500]}"
         return response
 
-    def tasks(self) -> dict[str, dict[str, Any]]:
-        tasks: dict[str, dict[str, Any]] = self.get("/api/tasks", taskname=TASK_NAME).json()
+    def tasks(self, name: str = TASK_NAME) -> dict[str, dict[str, Any]]:
+        tasks: dict[str, dict[str, Any]] = self.get("/api/tasks", taskname=name).json()
         return tasks
 
     def close(self) -> None:
@@ -118,9 +118,11 @@ def flower(stack: Any) -> Iterator[Flower]:
         yield client
 
 
-def _wait_for_states(flower: Flower, ids: list[str], timeout: float = EVENTS_TIMEOUT) -> dict[str, Any]:
+def _wait_for_states(
+    flower: Flower, ids: list[str], timeout: float = EVENTS_TIMEOUT, name: str = TASK_NAME
+) -> dict[str, Any]:
     def seen() -> dict[str, Any] | None:
-        tasks = flower.tasks()
+        tasks = flower.tasks(name)
         if all(tasks.get(i, {}).get("state") == "SUCCESS" for i in ids):
             return tasks
         return None
@@ -216,6 +218,29 @@ def test_retried_call_keeps_its_secrets_out_of_flower(stack: Any, flower: Flower
     assert flower.get(f"/api/task/info/{retried.id}").json()["kwargs"].startswith("flaky ")
     _assert_nowhere(flower, [retried.id], [RETRY_SECRET])
     assert RETRY_SECRET not in stack.workers[0].log_path.read_text(errors="replace")
+
+
+def test_flower_shows_a_chunk_as_a_summary_of_its_calls(stack: Any, flower: Flower) -> None:
+    _flower_listening(flower, stack)
+    chunk_secret = "SECRET-PLANTED-789"
+    handle = stack.queue.submit_many(
+        [
+            {"tool": "echo", "arguments": {"text": "a", "api_token": chunk_secret}},
+            {"tool": "echo", "arguments": {"text": "b"}},
+            {"tool": "local/add", "arguments": {"a": 1, "b": 2}},
+        ],
+        chunk_size=3,
+    )
+    results = handle.results(timeout=60)
+    assert [r.success for r in results] == [True, True, True]
+    [chunk_id] = handle.chunk_ids
+    tasks = _wait_for_states(flower, [chunk_id], name="mcpq.call_chunk")
+    assert tasks[chunk_id]["name"] == "mcpq.call_chunk"
+    info = flower.get(f"/api/task/info/{chunk_id}").json()
+    assert info["kwargs"] == "3 calls: echo x2, local/add x1" and info["args"] == "()"
+    page = flower.get(f"/task/{chunk_id}").text + flower.get("/api/tasks").text
+    assert chunk_secret not in page
+    assert chunk_secret not in stack.workers[0].log_path.read_text(errors="replace")
 
 
 def test_flower_api_needs_credentials_and_can_run_tools(stack: Any, flower: Flower) -> None:
