@@ -49,6 +49,7 @@ from celery.exceptions import TimeoutError as CeleryTimeoutError
 from celery.result import AsyncResult
 from kombu.exceptions import OperationalError
 
+from producer.unreachable import is_unreachable
 from worker.errors import ErrorCode, InvalidArgumentsError, MCPConnectionError, MCPTimeoutError
 from worker.redact import describe_call, describe_chunk
 from worker.result import ToolResult
@@ -339,7 +340,7 @@ class _Collector:
         except (TimeoutError, CeleryTimeoutError):
             pass
         except (redis.RedisError, OSError, RuntimeError) as exc:
-            if isinstance(exc, RuntimeError) and not _connection_trouble(exc):
+            if isinstance(exc, RuntimeError) and not is_unreachable(exc):
                 raise
             raise _backend_unreachable(self.app, exc.__cause__ or exc) from None
         finally:
@@ -423,13 +424,6 @@ class _Collector:
     def close(self) -> None:
         self.pop_all()
         self._arrived.clear()
-
-
-def _connection_trouble(exc: BaseException) -> bool:
-    """Celery's result consumer gives up on a lost Redis with a RuntimeError
-    ("Retry limit exceeded ... result store") chained to the connection error."""
-    cause = exc.__cause__ or exc.__context__
-    return isinstance(cause, redis.RedisError | OSError | OperationalError)
 
 
 def _backend_unreachable(app: Any, exc: BaseException) -> MCPConnectionError:
@@ -666,7 +660,7 @@ class _Run:
             yield
         except (OperationalError, redis.RedisError, OSError, RuntimeError) as exc:
             if isinstance(exc, RuntimeError):
-                if not _connection_trouble(exc):
+                if not is_unreachable(exc):
                     raise
                 # Subscribing to the results failed: the result backend is the one down.
                 raise _backend_unreachable(self.app, exc.__cause__ or exc) from None

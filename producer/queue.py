@@ -10,7 +10,8 @@ import json
 import logging
 import time
 import uuid
-from typing import Any
+from collections.abc import Iterable, Iterator, Mapping
+from typing import TYPE_CHECKING, Any
 
 import redis
 from celery import Celery
@@ -18,6 +19,7 @@ from celery.exceptions import TimeoutError as CeleryTimeoutError
 from celery.result import AsyncResult
 from kombu.exceptions import OperationalError
 
+from producer.unreachable import exception_chain, is_unreachable
 from worker.breaker import breaker_status, reset_breaker
 from worker.celery import make_app
 from worker.errors import (
@@ -34,6 +36,9 @@ from worker.result import ToolResult
 from worker.settings import Settings, redact_url
 from worker.task_names import CALL_TOOL, DISCOVER, HEALTH
 
+if TYPE_CHECKING:
+    from producer.fanout import Call, FanOutHandle, ProgressCallback
+
 #: Extra wait beyond the call's own deadline: queueing, connect, result write.
 log = logging.getLogger(__name__)
 
@@ -42,23 +47,8 @@ RESULT_GRACE = 10.0
 PUBLISH_RETRY = {"max_retries": 3, "interval_start": 0.1, "interval_step": 0.2, "interval_max": 0.5}
 
 
-def _chain(exc: BaseException) -> list[BaseException]:
-    seen: list[BaseException] = []
-    current: BaseException | None = exc
-    while current is not None and current not in seen:
-        seen.append(current)
-        current = current.__cause__ or current.__context__
-    return seen
-
-
-def _is_connection_failure(exc: BaseException) -> bool:
-    """Kombu raises OperationalError; the Redis result backend gives up with a
-    RuntimeError chained to redis' ConnectionError. Both mean "unreachable"."""
-    return any(isinstance(e, OperationalError | redis.ConnectionError | ConnectionError) for e in _chain(exc))
-
-
 def _root(exc: BaseException) -> BaseException:
-    return _chain(exc)[-1]
+    return exception_chain(exc)[-1]
 
 
 class CallHandle:
@@ -182,7 +172,7 @@ class ToolQueue:
                 kwargsrepr=shown,
             )
         except Exception as exc:
-            if not _is_connection_failure(exc):
+            if not is_unreachable(exc):
                 raise
             raise MCPConnectionError(
                 f"cannot reach the broker or result backend at {redact_url(self.settings.broker_url)}: "
@@ -352,16 +342,15 @@ class ToolQueue:
             self._redis.close()
 
     # -- many calls at once (producer/fanout.py) -------------------------------------
-    # Parameter types are spelled out in producer.fanout (Call, Progress,
-    # FanOutHandle); these are thin delegations.
+    # Thin delegations; fanout is imported when used (it imports this module).
     def map(
         self,
         tool: str,
-        arguments: Any,
+        arguments: Iterable[Mapping[str, Any]],
         *,
         server: str | None = None,
         timeout: float | None = None,
-        on_progress: Any = None,
+        on_progress: ProgressCallback | None = None,
         chunk_size: int | None = None,
         window: int | None = None,
         queue: str | None = None,
@@ -390,9 +379,9 @@ class ToolQueue:
 
     def fan_out(
         self,
-        calls: Any,
+        calls: Iterable[Call | Mapping[str, Any]],
         *,
-        on_progress: Any = None,
+        on_progress: ProgressCallback | None = None,
         chunk_size: int | None = None,
         window: int | None = None,
         queue: str | None = None,
@@ -414,14 +403,14 @@ class ToolQueue:
 
     def as_completed(
         self,
-        calls: Any,
+        calls: Iterable[Call | Mapping[str, Any]],
         *,
-        on_progress: Any = None,
+        on_progress: ProgressCallback | None = None,
         chunk_size: int | None = None,
         window: int | None = None,
         queue: str | None = None,
         stall_timeout: float | None = None,
-    ) -> Any:
+    ) -> Iterator[tuple[int, ToolResult]]:
         """Iterator of ``(index, ToolResult)`` as calls finish, every index once."""
         from producer import fanout
 
@@ -437,13 +426,13 @@ class ToolQueue:
 
     def submit_many(
         self,
-        calls: Any,
+        calls: Iterable[Call | Mapping[str, Any]],
         *,
         chunk_size: int | None = None,
         window: int | None = 0,
         queue: str | None = None,
         stall_timeout: float | None = None,
-    ) -> Any:
+    ) -> FanOutHandle:
         """Publish a batch and return a ``fanout.FanOutHandle`` at once (``.ids``,
         ``.results()``, ``.iter_completed()``); every call is published before
         this returns unless ``window`` is set."""

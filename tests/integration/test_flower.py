@@ -133,7 +133,7 @@ def _wait_for_states(
         interval=0.2,
         message=lambda: (
             f"Flower did not report SUCCESS for {ids}: "
-            f"{ {i: flower.tasks().get(i, {}).get('state') for i in ids} }\n{flower.proc.log_tail()}"
+            f"{ {i: flower.tasks(name).get(i, {}).get('state') for i in ids} }\n{flower.proc.log_tail()}"
         ),
     )
 
