@@ -53,6 +53,14 @@ class Settings:
         again: by then the broker would long have redelivered it, had it kept it."""
         return 2 * self.visibility_timeout + self.time_limit + self.restore_interval
 
+    @property
+    def claim_ttl(self) -> float:
+        """How long a finished call's claim, and the result it holds, is kept:
+        long enough to answer any redelivery (the ledger republishes after
+        ``ledger_grace``), never longer than the results themselves. Claims
+        hold a copy of each result, so this bounds their Redis memory."""
+        return max(min(float(self.result_expires), 2 * self.ledger_grace), 60.0)
+
     def secret_pattern_list(self) -> list[str]:
         return [p.strip() for p in self.secret_patterns.split(",") if p.strip()]
 

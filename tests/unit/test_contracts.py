@@ -332,6 +332,14 @@ def test_task_events_switch(raw: str, expected: bool) -> None:
     assert conf.worker_send_task_events is expected and conf.task_send_sent_event is expected
 
 
+def test_claims_outlive_every_redelivery_but_not_the_results() -> None:
+    default = Settings()
+    # 2 x (2 x 3600 + 330 + 10): a chunk the ledger republishes still finds its calls' claims
+    assert default.claim_ttl == 2 * default.ledger_grace == 15_080
+    assert Settings(result_expires=3600).claim_ttl == 3600
+    assert Settings(result_expires=1).claim_ttl == 60
+
+
 def test_task_events_default_on_and_bad_boolean_named() -> None:
     assert Settings.from_env({}).task_events is True
     with pytest.raises(ConfigError) as info:
