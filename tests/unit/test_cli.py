@@ -188,3 +188,28 @@ def test_tools_with_unreachable_redis_exits_3() -> None:
     assert result.exit_code == 3
     assert len([line for line in result.stderr.splitlines() if line.strip()]) == 1
     assert_no_traceback(result)
+
+
+def test_worker_execs_celery_without_mingle_and_with_two_malloc_arenas(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    import producer.cli as cli_module
+
+    config = tmp_path / "servers.yaml"
+    config.write_text("mcp_servers:\n  a:\n    command: python\n")
+    execs: list[tuple[str, list[str], dict[str, str]]] = []
+    monkeypatch.setattr(cli_module.os, "execvpe", lambda f, argv, env: execs.append((f, argv, dict(env))))
+    monkeypatch.delenv("MALLOC_ARENA_MAX", raising=False)
+
+    assert run("worker", "-c", "4", "--", "--without-gossip", env={"MCPQ_CONFIG": str(config)}).exit_code == 0
+    _, argv, env = execs[-1]
+    assert argv[1:6] == ["-m", "celery", "-A", "worker", "worker"]
+    assert argv[argv.index("-c") + 1] == "4"
+    assert "--without-mingle" in argv and argv[-1] == "--without-gossip"
+    assert env["MALLOC_ARENA_MAX"] == "2"
+
+    assert run("worker", "--mingle", env={"MCPQ_CONFIG": str(config)}).exit_code == 0
+    assert "--without-mingle" not in execs[-1][1]
+    monkeypatch.setenv("MALLOC_ARENA_MAX", "8")  # the user's own choice is kept
+    assert run("worker", env={"MCPQ_CONFIG": str(config)}).exit_code == 0
+    assert execs[-1][2]["MALLOC_ARENA_MAX"] == "8"
