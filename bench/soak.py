@@ -40,8 +40,9 @@ in the second half is a leak; growth that stopped is pools filling up).
 
 Investigation and experiments: ``--tracemalloc`` traces the worker's Python
 allocations from the end of the warm-up on and lists where the survivors were
-allocated; ``--worker-env MALLOC_ARENA_MAX=2`` changes the worker's
-environment; ``--result-expires S`` sets ``MCPQ_RESULT_EXPIRES`` (results and
+allocated; the worker gets the environment ``mcpq worker`` gives it (two
+malloc arenas), and ``--worker-env MALLOC_ARENA_MAX=16`` (glibc's default on
+two cores) changes it; ``--result-expires S`` sets ``MCPQ_RESULT_EXPIRES`` (results and
 claims expire sooner, so the key count levels off within the run).
 
 A private redis-server carries broker (db 0), results (db 1) and state (db 2).
@@ -528,7 +529,15 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
         stack.callback(http.stop)
         http.start()
 
-        worker_env = {**child_env, "BENCH_INSTRUMENT": "0", "BENCH_SOAK_WORKER": "1", **args.worker_env}
+        # The environment `mcpq worker` gives its worker (two malloc arenas), then the experiments.
+        from producer.cli import worker_environment
+
+        worker_env = {
+            **worker_environment(child_env),
+            "BENCH_INSTRUMENT": "0",
+            "BENCH_SOAK_WORKER": "1",
+            **args.worker_env,
+        }
         worker = lat.WorkerProcess(worker_env, settings.queue, concurrency)
         worker.argv += ["--include", "bench.soak"]
         stack.callback(worker.stop)
