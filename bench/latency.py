@@ -59,6 +59,7 @@ from typing import TYPE_CHECKING, Any
 
 import psutil
 
+from bench.runner import run_and_report
 from bench.stats import summarize
 
 if TYPE_CHECKING:
@@ -844,18 +845,9 @@ def main(argv: list[str] | None = None) -> int:
     if args.calls < 1 or args.warmup < 0 or args.rounds < 1:
         parser.error("--calls and --rounds must be >= 1, --warmup >= 0")
 
-    previous = {sig: signal.signal(sig, _interrupt) for sig in (signal.SIGINT, signal.SIGTERM)}
-    try:
-        report = run(args)
-    except KeyboardInterrupt:
-        print("interrupted; every process started here was stopped", file=sys.stderr)
+    report = run_and_report(run, render, args)
+    if report is None:
         return 130
-    finally:
-        for sig, handler in previous.items():
-            signal.signal(sig, handler)
-    print(render(report))
-    if args.json:
-        args.json.write_text(json.dumps(report, indent=2))
     return 0
 
 

@@ -53,7 +53,6 @@ from __future__ import annotations
 
 import argparse
 import contextlib
-import json
 import os
 import platform
 import signal
@@ -72,6 +71,7 @@ from typing import Any
 import psutil
 
 from bench import latency as lat
+from bench.runner import run_and_report
 
 # Nothing from producer/ or worker/ at module level (see bench/latency.py): the
 # app is built from MCPQ_* at import time, and ``run`` sets them first. The
@@ -823,18 +823,9 @@ def main(argv: list[str] | None = None) -> int:
     if args.calls < 1 or args.warmup < 0 or args.sample_every < 20:
         parser.error("--calls must be >= 1, --warmup >= 0, --sample-every >= 20")
 
-    previous = {sig: signal.signal(sig, lat._interrupt) for sig in (signal.SIGINT, signal.SIGTERM)}
-    try:
-        report = run(args)
-    except KeyboardInterrupt:
-        print("interrupted; every process started here was stopped", file=sys.stderr)
+    report = run_and_report(run, render, args)
+    if report is None:
         return 130
-    finally:
-        for sig, handler in previous.items():
-            signal.signal(sig, handler)
-    print(render(report))
-    if args.json:
-        args.json.write_text(json.dumps(report, indent=2))
     return 1 if report["unexpected"] else 0
 
 

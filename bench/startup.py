@@ -50,13 +50,11 @@ from __future__ import annotations
 import argparse
 import contextlib
 import datetime
-import json
 import os
 import platform
 import re
 import shlex
 import shutil
-import signal
 import statistics
 import subprocess
 import sys
@@ -69,6 +67,7 @@ from pathlib import Path
 from typing import Any
 
 from bench import latency as lat
+from bench.runner import run_and_report
 from bench.soak import DemoServerProcess, no_backend_retries
 
 # Nothing from producer/ or worker/ at module level (see bench/latency.py).
@@ -580,18 +579,9 @@ def main(argv: list[str] | None = None) -> int:
     if args.runs < 1:
         parser.error("--runs must be >= 1")
 
-    previous = {sig: signal.signal(sig, lat._interrupt) for sig in (signal.SIGINT, signal.SIGTERM)}
-    try:
-        report = run(args)
-    except KeyboardInterrupt:
-        print("interrupted; every process started here was stopped", file=sys.stderr)
+    report = run_and_report(run, render, args)
+    if report is None:
         return 130
-    finally:
-        for sig, handler in previous.items():
-            signal.signal(sig, handler)
-    print(render(report))
-    if args.json:
-        args.json.write_text(json.dumps(report, indent=2))
     return 0
 
 

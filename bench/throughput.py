@@ -77,10 +77,10 @@ from bench.latency import (
     _cmdline,
     _free_port,
     _git_state,
-    _interrupt,
     _no_backend_retries_after_interrupt,
     _wait_for_worker,
 )
+from bench.runner import run_and_report
 
 if TYPE_CHECKING:
     from producer.embedded_redis import EmbeddedRedis
@@ -1011,18 +1011,9 @@ def main(argv: list[str] | None = None) -> int:
     if not args.tools and not args.scaling:
         parser.error("nothing to run: no --tools and no --scaling")
 
-    previous = {sig: signal.signal(sig, _interrupt) for sig in (signal.SIGINT, signal.SIGTERM)}
-    try:
-        report = run(args)
-    except KeyboardInterrupt:
-        print("interrupted; every process started here was stopped", file=sys.stderr)
+    report = run_and_report(run, render, args)
+    if report is None:
         return 130
-    finally:
-        for sig, handler in previous.items():
-            signal.signal(sig, handler)
-    print(render(report))
-    if args.json:
-        args.json.write_text(json.dumps(report, indent=2))
     return 0
 
 
