@@ -14,7 +14,7 @@ import redis
 
 from producer.fanout import Call, FanOutHandle
 from tests.support.procs import read_count
-from tests.support.stack import Stack, stdio_server
+from tests.support.stack import TINY_BUDGETS, Stack, stdio_server
 from worker.task_names import CALL_CHUNK
 
 pytestmark = [pytest.mark.integration, pytest.mark.timeout(180)]
@@ -171,13 +171,7 @@ def test_a_malformed_call_in_a_chunk_fails_alone(make_stack: Callable[..., Any],
 def test_a_chunk_the_broker_lost_is_published_again(
     make_stack: Callable[..., Any], count_dir: Path, redis_url: str
 ) -> None:
-    env = {
-        "MCPQ_SOFT_TIME_LIMIT": "4",
-        "MCPQ_TIME_LIMIT": "5",
-        "MCPQ_VISIBILITY_TIMEOUT": "6",
-        "MCPQ_RESTORE_INTERVAL": "0.5",
-    }
-    stack = make_stack({"local": stdio_server(count_dir, timeout=1, connect_timeout=2)}, env=env)
+    stack = make_stack({"local": stdio_server(count_dir, timeout=1, connect_timeout=2)}, env=TINY_BUDGETS)
     handle = stack.queue.submit_many([Call("count", {"key": f"l{i}"}) for i in range(6)], chunk_size=6)
     assert len(handle.chunk_ids) == 1
     broker = redis.Redis.from_url(f"{redis_url}/0")

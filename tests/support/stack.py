@@ -22,6 +22,15 @@ from worker.settings import Settings
 
 WORKER_READY_TIMEOUT = 60.0
 
+#: Budgets as small as they go, so the ledger's grace (2 x visibility + hard
+#: limit + restore interval = 17.5 s) passes within a test.
+TINY_BUDGETS = {
+    "MCPQ_SOFT_TIME_LIMIT": "4",
+    "MCPQ_TIME_LIMIT": "5",
+    "MCPQ_VISIBILITY_TIMEOUT": "6",
+    "MCPQ_RESTORE_INTERVAL": "0.5",
+}
+
 
 class Stack:
     """One isolated mcpq deployment: its own queue, key prefix and config."""
