@@ -54,7 +54,7 @@ from worker.errors import ErrorCode, InvalidArgumentsError, MCPConnectionError, 
 from worker.redact import describe_call, describe_chunk
 from worker.result import ToolResult
 from worker.settings import redact_url
-from worker.task_names import CALL_CHUNK, CALL_TOOL
+from worker.task_names import CALL_CHUNK, CALL_TOOL, MAX_CHUNK_CALLS
 
 if TYPE_CHECKING:
     from producer.queue import ToolQueue
@@ -457,8 +457,8 @@ class _Run:
     ) -> None:
         from producer.queue import PUBLISH_RETRY, RESULT_GRACE
 
-        if chunk_size is not None and chunk_size < 1:
-            raise ValueError("chunk_size must be at least 1")
+        if chunk_size is not None and not 1 <= chunk_size <= MAX_CHUNK_CALLS:
+            raise ValueError(f"chunk_size must be from 1 to {MAX_CHUNK_CALLS}")
         if window is None:
             window = DEFAULT_WINDOW
         if window < 0:

@@ -74,9 +74,7 @@ class MCPClientManager:
         self.discovery = Discovery(self.registry, self.pool)
         self.registry.on_reconnect = self._reconnect_local
         self.guard = ServerGuard(self.redis, self.keys)
-        self.claims = ClaimKeeper(
-            self.redis, self.keys, lease=settings.claim_lease, ttl=settings.claim_ttl
-        )
+        self.claims = ClaimKeeper(self.redis, self.keys, lease=settings.claim_lease, ttl=settings.claim_ttl)
         self.router = ToolRouter(config, self.registry, self.pool, self.discovery, self.guard, self.claims)
         self.ledger = Ledger(self.redis, self.keys, settings.ledger_grace)
         self.sweeper: LedgerSweeper | None = None

@@ -28,7 +28,7 @@ from worker.redact import describe_call
 from worker.result import ToolResult
 from worker.result_writer import ResultWriter
 from worker.router import LEDGER_CLEARED
-from worker.task_names import CALL_CHUNK, CALL_TOOL, DISCOVER, HEALTH, RECONNECT
+from worker.task_names import CALL_CHUNK, CALL_TOOL, DISCOVER, HEALTH, MAX_CHUNK_CALLS, RECONNECT
 
 log = logging.getLogger(__name__)
 
@@ -148,18 +148,26 @@ def _queue_of(task: Task) -> str:
 # --------------------------------------------------------------------------- chunks
 
 _runtime_lock = threading.Lock()
-_runtime: tuple[int, ThreadPoolExecutor, ResultWriter] | None = None
+_writer: tuple[int, ResultWriter] | None = None
+_pool: tuple[int, ThreadPoolExecutor] | None = None
 
 
-def _chunk_runtime(size: int) -> tuple[ThreadPoolExecutor, ResultWriter]:
-    """This process's threads for the calls of chunk tasks and its result
-    writer (made in the process that uses them, after any fork)."""
-    global _runtime
+def _chunk_writer() -> ResultWriter:
+    """This process's writer of chunk results (made after any fork)."""
+    global _writer
     with _runtime_lock:
-        if _runtime is None or _runtime[0] != os.getpid():
-            executor = ThreadPoolExecutor(size, thread_name_prefix="mcpq-chunk")
-            _runtime = (os.getpid(), executor, ResultWriter(app))
-        return _runtime[1], _runtime[2]
+        if _writer is None or _writer[0] != os.getpid():
+            _writer = (os.getpid(), ResultWriter(app))
+        return _writer[1]
+
+
+def _chunk_pool(size: int) -> ThreadPoolExecutor:
+    """This process's threads for the calls of chunk tasks (made after any fork)."""
+    global _pool
+    with _runtime_lock:
+        if _pool is None or _pool[0] != os.getpid():
+            _pool = (os.getpid(), ThreadPoolExecutor(size, thread_name_prefix="mcpq-chunk"))
+        return _pool[1]
 
 
 @app.task(name=CALL_CHUNK, bind=True, ignore_result=True)
@@ -181,18 +189,22 @@ def call_chunk(self: Task, calls: Any = None, **unknown: Any) -> dict[str, Any]:
             " (unknown fields)" * bool(unknown),
         )
         return {"ok": False, "error": "malformed chunk"}
-    try:
-        manager = get_manager()
-    except MCPError as exc:
-        log.error("mcpq cannot start its manager: %s", exc.message)
-        manager = None
-    queue = _queue_of(self)
-    pool, writer = _chunk_runtime(manager.settings.chunk_concurrency if manager else 1)
+    problem: MCPError | None = None
+    manager: MCPClientManager | None = None
+    if len(calls) > MAX_CHUNK_CALLS:
+        problem = InternalError(f"malformed chunk: {len(calls)} calls, more than {MAX_CHUNK_CALLS}")
+    else:
+        try:
+            manager = get_manager()
+        except MCPError as exc:
+            log.error("mcpq cannot start its manager: %s", exc.message)
+            problem = InternalError("mcpq could not start on this worker")
+    writer = _chunk_writer()
     if manager is None:
-        problem = InternalError("mcpq could not start on this worker")
-        outcomes = [_store_failure(writer, entry, problem) for entry in calls]
+        outcomes = [_store_failure(writer, entry, problem or InternalError("no manager")) for entry in calls]
     else:
         start_sweeper(manager)
+        pool, queue = _chunk_pool(manager.settings.chunk_concurrency), _queue_of(self)
         futures = [pool.submit(_run_chunk_call, manager, writer, entry, queue) for entry in calls]
         outcomes = [future.result() for future in futures]
         if self.request.id:

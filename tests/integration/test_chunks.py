@@ -15,7 +15,7 @@ import redis
 from producer.fanout import Call, FanOutHandle
 from tests.support.procs import read_count
 from tests.support.stack import TINY_BUDGETS, Stack, stdio_server
-from worker.task_names import CALL_CHUNK
+from worker.task_names import CALL_CHUNK, MAX_CHUNK_CALLS
 
 pytestmark = [pytest.mark.integration, pytest.mark.timeout(180)]
 
@@ -166,6 +166,17 @@ def test_a_malformed_call_in_a_chunk_fails_alone(make_stack: Callable[..., Any],
     assert results[2].error_code == "internal_error" and "unknown fields ['command']" in (
         results[2].error or ""
     )
+
+
+def test_an_oversized_chunk_fails_each_of_its_calls(make_stack: Callable[..., Any], count_dir: Path) -> None:
+    stack = make_stack({"local": stdio_server(count_dir)})
+    stack.start_worker()
+    ids = [str(uuid.uuid4()) for _ in range(MAX_CHUNK_CALLS + 1)]
+    send_chunk(stack, [{"id": i, "tool": "count", "arguments": {"key": "big"}} for i in ids])
+    results = FanOutHandle.attach(stack.queue, ids).results(timeout=60)
+    assert {r.error_code for r in results} == {"internal_error"}
+    assert f"more than {MAX_CHUNK_CALLS}" in (results[0].error or "")
+    assert read_count(count_dir, "big") == 0  # nothing ran
 
 
 def test_a_chunk_the_broker_lost_is_published_again(

@@ -231,6 +231,8 @@ def test_auto_chunk_size_grows_with_the_batch() -> None:
 def test_engine_rejects_bad_sizes(monkeypatch: pytest.MonkeyPatch) -> None:
     with pytest.raises(ValueError):
         make_run([], monkeypatch, chunk_size=0)
+    with pytest.raises(ValueError, match="from 1 to 1000"):
+        make_run([], monkeypatch, chunk_size=1001)
     with pytest.raises(ValueError):
         make_run([], monkeypatch, window=-1)
 
