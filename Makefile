@@ -3,7 +3,7 @@ PYTHON ?= python3
 VENV ?= .venv
 BIN := $(VENV)/bin
 
-.PHONY: demo test setup lint unit integration bench clean
+.PHONY: demo test setup lint unit integration bench bench-all clean
 
 $(BIN)/python:
 	$(PYTHON) -c 'import sys; assert sys.version_info >= (3, 11), "mcpq needs Python 3.11+"'
@@ -37,6 +37,14 @@ integration: setup
 
 bench: setup
 	$(BIN)/python -m bench.latency
+
+# Every benchmark in docs/benchmarks.md (about 20 minutes on 2 cores).
+bench-all: bench
+	$(BIN)/python -m bench.throughput
+	$(BIN)/python -m bench.throughput --tools '' --scaling --scaling-concurrency 2
+	$(BIN)/python -m bench.roundtrips --calls 1000 --submit map
+	$(BIN)/python -m bench.soak
+	$(BIN)/python -m bench.startup --runs 5
 
 clean:
 	rm -rf $(VENV) tests/npm/node_modules .pytest_cache .mypy_cache .ruff_cache *.egg-info
