@@ -27,6 +27,7 @@ import click
 from producer.fanout import DEFAULT_WINDOW, Call
 from worker.errors import ErrorCode, InvalidArgumentsError, MCPConnectionError
 from worker.result import ToolResult
+from worker.task_names import MAX_CHUNK_CALLS
 
 EXIT_OK, EXIT_FAILED, EXIT_USAGE, EXIT_UNREACHABLE = 0, 1, 2, 3
 EXIT_INTERRUPTED = 130
@@ -417,7 +418,7 @@ def _queue() -> Any:
 )
 @click.option(
     "--chunk-size",
-    type=click.IntRange(min=1),
+    type=click.IntRange(min=1, max=MAX_CHUNK_CALLS),
     help="Calls per Celery task (default: chosen from the batch size; 1: one task per call).",
 )
 @click.option("--queue", "task_queue", help="Queue to send the calls to (default MCPQ_QUEUE).")

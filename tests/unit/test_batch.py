@@ -356,6 +356,14 @@ def test_cli_requires_out(tmp_path: Path) -> None:
     assert run_cli(str(calls), "--out", str(tmp_path / "o"), "--window", "-1").exit_code == 2
 
 
+def test_cli_chunk_size_out_of_range_is_usage_error(tmp_path: Path) -> None:
+    calls = write_calls(tmp_path / "calls.jsonl", [call_line(1)])
+    result = run_cli(str(calls), "--out", str(tmp_path / "o"), "--chunk-size", "1001")
+    assert result.exit_code == 2
+    assert "--chunk-size" in result.stderr and "1<=x<=1000" in result.stderr
+    assert "Traceback" not in result.output
+
+
 def test_cli_bad_results_file_is_usage_error(tmp_path: Path) -> None:
     calls = write_calls(tmp_path / "calls.jsonl", [call_line(1), call_line(2)])
     out = tmp_path / "out.jsonl"
