@@ -86,9 +86,17 @@ class ResultWriter:
                 while not self._queue:
                     self._wake.wait()
                 batch = [self._queue.popleft() for _ in range(min(len(self._queue), MAX_BATCH))]
-            self._write(batch)
+            try:
+                error = self._write(batch)
+            except Exception as exc:  # not a Redis outage: no retry, but never leave a caller waiting
+                log.exception("could not store %d result(s)", len(batch))
+                error = exc
+            for item in batch:
+                item.error = error
+                item.done.set()
 
-    def _write(self, batch: list[_Pending]) -> None:
+    def _write(self, batch: list[_Pending]) -> Exception | None:
+        """Write a batch, retrying while Redis is unreachable; the last error, if it never got through."""
         assert self._redis is not None
         backend = self._redis
         error: Exception | None = None
@@ -106,6 +114,4 @@ class ResultWriter:
                 if attempt == 0:
                     log.warning("could not store %d result(s), retrying: %s", len(batch), exc)
                 time.sleep(PAUSE)
-        for item in batch:
-            item.error = error
-            item.done.set()
+        return error

@@ -48,9 +48,9 @@ def test_concurrent_results_share_round_trips(redis_url: str, monkeypatch: pytes
     batches: list[int] = []
     write = ResultWriter._write
 
-    def counting(self: ResultWriter, batch: list[Any]) -> None:
+    def counting(self: ResultWriter, batch: list[Any]) -> Exception | None:
         batches.append(len(batch))
-        write(self, batch)
+        return write(self, batch)
 
     monkeypatch.setattr(ResultWriter, "_write", counting)
     ids = [f"writer-{uuid.uuid4()}" for _ in range(200)]
@@ -76,3 +76,21 @@ def test_unreachable_redis_raises_after_its_attempts(monkeypatch: pytest.MonkeyP
     app = make_app(f"redis://127.0.0.1:{free_port()}/1")
     with pytest.raises(redis.ConnectionError):
         ResultWriter(app).store("nowhere", {"success": True})
+
+
+def test_an_unexpected_error_reaches_the_caller_and_the_writer_goes_on(
+    redis_url: str, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    app = make_app(f"{redis_url}/1")
+    writer = ResultWriter(app)
+
+    def broken(*_: Any, **__: Any) -> Any:
+        raise ValueError("not a Redis outage")
+
+    with monkeypatch.context() as patched:
+        patched.setattr(redis.Redis, "pipeline", broken)
+        with pytest.raises(ValueError, match="not a Redis outage"):
+            writer.store("writer-broken", {"success": True})
+    task_id = f"writer-{uuid.uuid4()}"
+    writer.store(task_id, {"after": True})  # the writer thread survived
+    assert app.backend.get_task_meta(task_id)["result"] == {"after": True}
