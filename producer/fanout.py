@@ -51,6 +51,7 @@ from kombu.exceptions import OperationalError
 
 from producer.unreachable import is_unreachable
 from worker.errors import ErrorCode, InvalidArgumentsError, MCPConnectionError, MCPTimeoutError
+from worker.ledger import ledger_message
 from worker.redact import describe_call, describe_chunk
 from worker.result import ToolResult
 from worker.settings import redact_url
@@ -229,16 +230,14 @@ def task_result_to_tool_result(label: str, task_id: str, state: str, value: Any)
 # --------------------------------------------------------------------------- result collection
 
 
-@dataclass(slots=True)
+@dataclass(frozen=True, slots=True)
 class _Outgoing:
-    """A call about to be published: its task kwargs and (as a task of its own)
-    its secret-free description."""
+    """A call about to be published, with its task id and task kwargs."""
 
     index: int
     call: Call
     task_id: str
     kwargs: dict[str, Any]
-    shown: str = ""
 
 
 @dataclass(slots=True)
@@ -468,11 +467,10 @@ class _Run:
         self.queue_name = queue or tq.settings.queue
         self.total: int | None = len(calls) if isinstance(calls, Sized) else None
         self.window = window or None
-        #: Calls per task, and calls per publishing round (a whole number of tasks).
-        self.chunk_size = chunk_size or auto_chunk_size(self.total)
+        #: Calls per task (never more than the window holds), and calls per
+        #: publishing round (a whole number of tasks).
+        self.chunk_size = min(chunk_size or auto_chunk_size(self.total), self.window or MAX_CHUNK_CALLS)
         self.publish_batch = max(PUBLISH_BATCH // self.chunk_size, 1) * self.chunk_size
-        if self.window:
-            self.chunk_size = min(self.chunk_size, self.window)
         self.on_progress = on_progress
         self._publish_retry = PUBLISH_RETRY
         self._grace = RESULT_GRACE
@@ -587,19 +585,16 @@ class _Run:
     def _publish_singles(self, items: list[_Outgoing]) -> None:
         """One ``mcpq.call_tool`` task per call, published as one group."""
         patterns = self.tq.settings.secret_pattern_list()
-        for o in items:
-            o.shown = describe_call(o.call.label, o.call.arguments, patterns)
+        shown = [describe_call(o.call.label, o.call.arguments, patterns) for o in items]
         self.tq.record_in_ledger(
             [
-                (o.task_id, {"kwargs": o.kwargs, "queue": self.queue_name, "kwargsrepr": o.shown})
-                for o in items
+                (o.task_id, ledger_message(o.kwargs, self.queue_name, s))
+                for o, s in zip(items, shown, strict=True)
             ]
         )
         signatures = [
-            self.app.signature(
-                CALL_TOOL, kwargs=o.kwargs, task_id=o.task_id, argsrepr="()", kwargsrepr=o.shown
-            )
-            for o in items
+            self.app.signature(CALL_TOOL, kwargs=o.kwargs, task_id=o.task_id, argsrepr="()", kwargsrepr=s)
+            for o, s in zip(items, shown, strict=True)
         ]
         group_result = group(signatures, app=self.app).apply_async(
             queue=self.queue_name, retry=True, retry_policy=self._publish_retry, add_to_parent=False
@@ -620,15 +615,7 @@ class _Run:
             chunks.append((str(uuid.uuid4()), calls, describe_chunk([o.call.label for o in piece])))
         self.tq.record_in_ledger(
             [
-                (
-                    chunk_id,
-                    {
-                        "task": CALL_CHUNK,
-                        "kwargs": {"calls": calls},
-                        "queue": self.queue_name,
-                        "kwargsrepr": shown,
-                    },
-                )
+                (chunk_id, ledger_message({"calls": calls}, self.queue_name, shown, task=CALL_CHUNK))
                 for chunk_id, calls, shown in chunks
             ]
         )

@@ -30,7 +30,7 @@ from worker.errors import (
     ServerNotFoundError,
 )
 from worker.keys import Keys
-from worker.ledger import Ledger
+from worker.ledger import Ledger, ledger_message
 from worker.redact import describe_call
 from worker.result import ToolResult
 from worker.settings import Settings, redact_url
@@ -157,7 +157,7 @@ class ToolQueue:
                 return CallHandle(AsyncResult(first, app=self.app), label, wait_hint)
         queue_name = queue or self.settings.queue
         shown = describe_call(label, arguments or {}, self._secret_patterns)
-        self.record_in_ledger([(task_id, {"kwargs": kwargs, "queue": queue_name, "kwargsrepr": shown})])
+        self.record_in_ledger([(task_id, ledger_message(kwargs, queue_name, shown))])
         try:
             async_result = self.app.send_task(
                 CALL_TOOL,

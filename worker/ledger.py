@@ -34,6 +34,17 @@ def _script(client: redis.Redis, name: str) -> Any:
     return client.register_script(resources.files("worker").joinpath("lua", name).read_text())
 
 
+def ledger_message(
+    kwargs: dict[str, Any], queue: str, kwargsrepr: str, task: str | None = None
+) -> dict[str, Any]:
+    """What a sweeper needs to publish a call again: the task's kwargs, its queue,
+    its secret-free description and, unless ``mcpq.call_tool``, the task name."""
+    message = {"kwargs": kwargs, "queue": queue, "kwargsrepr": kwargsrepr}
+    if task is not None:
+        message["task"] = task
+    return message
+
+
 class Ledger:
     def __init__(self, client: redis.Redis, keys: Keys, grace: float) -> None:
         self.redis = client
@@ -47,7 +58,7 @@ class Ledger:
         return [self.keys.ledger, self.keys.ledger_messages]
 
     def record(self, entries: Iterable[tuple[str, dict[str, Any]]], extra_grace: float = 0.0) -> None:
-        """Record calls about to be published: (task id, {"kwargs", "queue", "kwargsrepr"})."""
+        """Record calls about to be published: (task id, :func:`ledger_message`)."""
         args: list[Any] = [self.grace_ms + int(extra_grace * 1000)]
         for task_id, message in entries:
             args += [task_id, json.dumps(message, separators=(",", ":"))]

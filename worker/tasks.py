@@ -23,6 +23,7 @@ from worker.celery import app
 from worker.claims import CallInProgress
 from worker.errors import InternalError, InvalidArgumentsError, MCPError
 from worker.followup import Again, next_step, when_busy
+from worker.ledger import ledger_message
 from worker.manager import MCPClientManager, get_manager
 from worker.redact import describe_call
 from worker.result import ToolResult
@@ -91,19 +92,10 @@ def call_tool(
     )  # fmt: skip
 
     def again(countdown: float, **changes: Any) -> Exception:
-        """Re-enqueue this call (a new message), never sleeping on a slot.
-        The new message gets the same redacted description the producer gave
-        the first one: Celery would otherwise show the raw arguments. Its
-        ledger entry is renewed, so a lost re-enqueue is published again too."""
-        label = f"{server}/{tool}" if server else tool
-        shown = describe_call(label, arguments or {}, manager.settings.secret_pattern_list())
-        if self.request.id:
-            message = {"kwargs": {**call, **changes}, "queue": _queue_of(self), "kwargsrepr": shown}
-            with contextlib.suppress(redis.RedisError):
-                manager.ledger.record([(self.request.id, message)], extra_grace=countdown)
-        retry: Exception = self.retry(
-            kwargs={**call, **changes}, countdown=countdown, argsrepr="()", kwargsrepr=shown
-        )
+        """Re-enqueue this call (a new message), never sleeping on a slot."""
+        kwargs = {**call, **changes}
+        shown = _renew_ledger(manager, self.request.id, kwargs, _queue_of(self), countdown)
+        retry: Exception = self.retry(kwargs=kwargs, countdown=countdown, argsrepr="()", kwargsrepr=shown)
         return retry
 
     start_sweeper(manager)
@@ -277,16 +269,26 @@ def _requeue(
     manager: MCPClientManager, call_id: str, kwargs: dict[str, Any], countdown: float, queue: str
 ) -> None:
     """Send a chunk's call on as its own ``mcpq.call_tool`` task (recorded in the ledger first)."""
-    label = f"{kwargs['server']}/{kwargs['tool']}" if kwargs.get("server") else str(kwargs["tool"])
-    shown = describe_call(label, kwargs.get("arguments") or {}, manager.settings.secret_pattern_list())
-    with contextlib.suppress(redis.RedisError):
-        manager.ledger.record(
-            [(call_id, {"kwargs": kwargs, "queue": queue, "kwargsrepr": shown})], extra_grace=countdown
-        )
+    shown = _renew_ledger(manager, call_id, kwargs, queue, countdown)
     app.send_task(
         CALL_TOOL, kwargs=kwargs, task_id=call_id, countdown=countdown, queue=queue,
         argsrepr="()", kwargsrepr=shown,
     )  # fmt: skip
+
+
+def _renew_ledger(
+    manager: MCPClientManager, task_id: str | None, kwargs: dict[str, Any], queue: str, countdown: float
+) -> str:
+    """Before a call is re-enqueued: renew its ledger entry (so a lost
+    re-enqueue is published again too) and return the secret-free description
+    the producer gave its first message (Celery would show the raw arguments)."""
+    server, tool = kwargs.get("server"), str(kwargs["tool"])
+    label = f"{server}/{tool}" if server else tool
+    shown = describe_call(label, kwargs.get("arguments") or {}, manager.settings.secret_pattern_list())
+    if task_id:
+        with contextlib.suppress(redis.RedisError):
+            manager.ledger.record([(task_id, ledger_message(kwargs, queue, shown))], extra_grace=countdown)
+    return shown
 
 
 _sweeper_lock = threading.Lock()
