@@ -184,14 +184,18 @@ class DirectClient:
         ]
         return self
 
-    async def _own(self, ready: concurrent.futures.Future[None]) -> None:
-        from mcp import Client
+    def _target(self) -> Any:
+        """What ``mcp.Client`` connects to: the stdio demo server."""
         from mcp.client.stdio import StdioServerParameters
 
+        return StdioServerParameters(command=sys.executable, args=DEMO_SERVER_ARGS, cwd=str(REPO_ROOT))
+
+    async def _own(self, ready: concurrent.futures.Future[None]) -> None:
+        from mcp import Client
+
         self._closing = asyncio.Event()
-        params = StdioServerParameters(command=sys.executable, args=DEMO_SERVER_ARGS, cwd=str(REPO_ROOT))
         try:
-            async with Client(params) as client:
+            async with Client(self._target()) as client:
                 self.client = client
                 self.protocol_version = client.protocol_version
                 ready.set_result(None)

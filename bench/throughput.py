@@ -286,22 +286,8 @@ class DirectPool(DirectClient):
         self.server_pids = [pid for pid in self.server_pids if pid not in before]
         return self
 
-    async def _own(self, ready: Any) -> None:
-        from mcp import Client
-
-        self._closing = asyncio.Event()
-        try:
-            async with Client(self.target) as client:
-                self.client = client
-                self.protocol_version = client.protocol_version
-                ready.set_result(None)
-                await self._closing.wait()
-        except BaseException as exc:
-            if not ready.done():
-                ready.set_exception(exc if isinstance(exc, Exception) else RuntimeError(repr(exc)))
-            raise
-        finally:
-            self.client = None
+    def _target(self) -> Any:
+        return self.target
 
     async def _fan_out(self, spec: ToolSpec, n: int, concurrency: int) -> tuple[float, list[str]]:
         client = self.client
