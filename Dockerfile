@@ -9,8 +9,9 @@ ENV PYTHONDONTWRITEBYTECODE=1 \
 
 WORKDIR /app
 
-# The package with the extras the services need: api (mcpq api), flower (celery -A worker flower).
-COPY pyproject.toml README.md ./
+# The package with the extras the services need: api (mcpq api), flower (celery -A mcpq.worker flower).
+# The repository's root holds mcpq/__init__.py; worker/ and producer/ install as mcpq.worker, mcpq.producer.
+COPY pyproject.toml README.md __init__.py py.typed ./
 COPY worker ./worker
 COPY producer ./producer
 RUN pip install ".[api,flower]"

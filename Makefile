@@ -12,18 +12,18 @@ $(BIN)/python:
 
 # Main job: embedded Redis, a worker, the demo server over stdio/HTTP/SSE, calls and results.
 demo: $(BIN)/python
-	$(BIN)/pip install -q -e .
+	$(BIN)/pip install -q -e . --config-settings editable_mode=strict
 	$(BIN)/mcpq demo
 
 setup: $(BIN)/python
-	$(BIN)/pip install -q -e ".[dev,api,flower]"
+	$(BIN)/pip install -q -e ".[dev,api,flower]" --config-settings editable_mode=strict
 	@command -v npm >/dev/null || { echo "npm (Node.js 20+) is needed for the server-everything tests"; exit 1; }
 	npm ci --prefix tests/npm --no-audit --no-fund --loglevel=error
 
 lint: setup
-	$(BIN)/ruff check worker producer tests bench
-	$(BIN)/ruff format --check worker producer tests bench
-	$(BIN)/mypy worker producer
+	$(BIN)/ruff check .
+	$(BIN)/ruff format --check .
+	$(BIN)/mypy -p mcpq
 
 # Everything: lint, unit and integration tests (a private redis-server is started by the tests).
 test: lint

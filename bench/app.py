@@ -1,7 +1,7 @@
 """The Celery app the latency benchmark's worker runs: mcpq's own app plus two bench tasks.
 
 Start a worker on it with ``python -m celery -A bench.app worker -P threads ...``:
-the same process then serves ``mcpq.call_tool`` (registered by ``worker.tasks``
+the same process then serves ``mcpq.call_tool`` (registered by ``mcpq.worker.tasks``
 through the app's ``include``) and the tasks below, so the Celery floor and
 the mcpq path share broker, backend, pool and configuration.
 
@@ -30,8 +30,8 @@ import psutil
 from celery import signals
 
 from bench.stats import summarize
-from worker.celery import app
-from worker.task_names import CALL_TOOL
+from mcpq.worker.celery import app
+from mcpq.worker.contract.task_names import CALL_TOOL
 
 ECHO_ARGS = {"text": "x"}
 
@@ -109,8 +109,8 @@ def _install_probes() -> None:
 
     import mcp
 
-    from worker import manager as manager_mod
-    from worker import router as router_mod
+    from mcpq.worker import manager as manager_mod
+    from mcpq.worker import router as router_mod
 
     def timed(owner: Any, attr: str, stage: str, points: bool = False) -> None:
         original = getattr(owner, attr, None)
@@ -208,7 +208,7 @@ def split(server: str, calls: int = 300, warmup: int = 30, rounds: int = 5) -> d
       complete as success) without an execution claim, so a little lighter
       than a real call's; absent when the router has no guard.
     """
-    from worker.manager import get_manager
+    from mcpq.worker.manager import get_manager
 
     manager = get_manager()
     pool = manager.pool
@@ -279,7 +279,7 @@ def split(server: str, calls: int = 300, warmup: int = 30, rounds: int = 5) -> d
 
     # CPU per call of this whole process and of the stdio server it started.
     me = psutil.Process()
-    servers = [p for p in me.children(recursive=True) if "worker.demo_server" in " ".join(_cmdline(p))]
+    servers = [p for p in me.children(recursive=True) if "mcpq.worker.demo_server" in " ".join(_cmdline(p))]
 
     def cpu() -> tuple[float, float]:
         own = time.process_time()

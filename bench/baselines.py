@@ -15,8 +15,8 @@ so every path of the benchmark shares broker, backend, pool and Celery settings.
   ``asyncio.run`` of open client, call, close, per task (what several MCP
   adapters do today). Over stdio that starts a server process per call.
 
-``kind`` names the server: ``stdio`` starts ``python -m worker.demo_server stdio``
-(without mcpq's ``worker.launch`` wrapper), ``http`` connects to the Streamable
+``kind`` names the server: ``stdio`` starts ``python -m mcpq.worker.demo_server stdio``
+(without mcpq's ``mcpq.worker.launch`` wrapper), ``http`` connects to the Streamable
 HTTP URL in ``BENCH_HTTP_URL`` (set by the benchmark for its worker).
 """
 
@@ -34,13 +34,13 @@ from typing import Any
 from celery import signals
 
 from bench.app import noop  # registers bench.noop (and bench.app's other tasks) on mcpq's app
-from worker.celery import app
+from mcpq.worker.celery import app
 
 __all__ = ["app", "bare_call", "cpc_call", "noop"]
 
 REPO_ROOT = Path(__file__).resolve().parents[1]
 HTTP_URL_ENV = "BENCH_HTTP_URL"
-STDIO_ARGS = ["-m", "worker.demo_server", "stdio"]
+STDIO_ARGS = ["-m", "mcpq.worker.demo_server", "stdio"]
 CALL_TIMEOUT = 60.0
 CONNECT_TIMEOUT = 60.0
 

@@ -31,11 +31,13 @@ async def measure(calls: int, rounds: int, gaps_ms: list[float]) -> Results:
     from mcp.client.stdio import StdioServerParameters
 
     params = StdioServerParameters(
-        command=sys.executable, args=["-m", "worker.demo_server", "stdio"], cwd=str(REPO_ROOT)
+        command=sys.executable, args=["-m", "mcpq.worker.demo_server", "stdio"], cwd=str(REPO_ROOT)
     )
     out: Results = {gap: [] for gap in gaps_ms}
     async with Client(params) as client:
-        servers = [p for p in psutil.Process().children() if "worker.demo_server" in " ".join(p.cmdline())]
+        servers = [
+            p for p in psutil.Process().children() if "mcpq.worker.demo_server" in " ".join(p.cmdline())
+        ]
         server = servers[0]
         for _ in range(50):
             await client.call_tool("echo", {"text": "x"})

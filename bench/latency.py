@@ -63,18 +63,18 @@ from bench.runner import run_and_report
 from bench.stats import summarize
 
 if TYPE_CHECKING:
-    from producer.embedded_redis import EmbeddedRedis
+    from mcpq.producer.embedded_redis import EmbeddedRedis
 
 # Nothing from producer/ or worker/ is imported at module level: importing
-# ``producer`` (any submodule) imports ``worker.celery``, which builds its app
+# ``producer`` (any submodule) imports ``mcpq.worker.celery``, which builds its app
 # from the MCPQ_* environment at import time, and the worker's app
-# (``bench.app`` -> ``worker.celery.app``) must see this run's Redis. ``run``
+# (``bench.app`` -> ``mcpq.worker.celery.app``) must see this run's Redis. ``run``
 # sets the environment first and imports afterwards.
 
 REPO_ROOT = Path(__file__).resolve().parents[1]
 SERVER = "bench-stdio"
 ECHO_ARGS = {"text": "x"}
-DEMO_SERVER_ARGS = ["-m", "worker.demo_server", "stdio"]
+DEMO_SERVER_ARGS = ["-m", "mcpq.worker.demo_server", "stdio"]
 PATHS = ("direct", "floor", "mcpq", "direct_idle")
 WORKER_CONCURRENCY = 8
 CALL_TIMEOUT = 30.0
@@ -180,7 +180,7 @@ class DirectClient:
             raise RuntimeError(f"direct stdio client did not connect within {timeout:g}s") from None
         # The SDK starts the server as our direct child; the worker's server is the worker's.
         self.server_pids = [
-            p.pid for p in psutil.Process().children() if "worker.demo_server" in " ".join(_cmdline(p))
+            p.pid for p in psutil.Process().children() if "mcpq.worker.demo_server" in " ".join(_cmdline(p))
         ]
         return self
 
@@ -399,18 +399,18 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
         overrides = _parse_overrides(args.conf)
         if overrides:
             bench_env["BENCH_CELERY_CONF"] = json.dumps(overrides)
-        # worker.celery builds its app from MCPQ_* at import: set them before importing it.
+        # mcpq.worker.celery builds its app from MCPQ_* at import: set them before importing it.
         os.environ.update(bench_env)
         from bench.app import noop
-        from producer.embedded_redis import EmbeddedRedis
-        from producer.queue import ToolQueue
-        from worker.celery import app
-        from worker.settings import Settings
+        from mcpq.producer.embedded_redis import EmbeddedRedis
+        from mcpq.producer.queue import ToolQueue
+        from mcpq.worker.celery import app
+        from mcpq.worker.contract.settings import Settings
 
         settings = Settings.from_env()
         if app.conf.broker_url != settings.broker_url:
             raise RuntimeError(
-                "worker.celery.app was built before this run set MCPQ_BROKER_URL "
+                "mcpq.worker.celery.app was built before this run set MCPQ_BROKER_URL "
                 f"({app.conf.broker_url!r} != {settings.broker_url!r}): run bench.latency as a program"
             )
         redis_proc: EmbeddedRedis | None = None
@@ -489,7 +489,7 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
         meter.add("bench", os.getpid())
         meter.add("worker", worker.pid)
         for child in psutil.Process(worker.pid).children(recursive=True):
-            if "worker.demo_server" in " ".join(_cmdline(child)):
+            if "mcpq.worker.demo_server" in " ".join(_cmdline(child)):
                 meter.add("worker's stdio server", child.pid)
             elif "celery" in " ".join(_cmdline(child)):
                 meter.add("worker's pool child", child.pid)

@@ -28,16 +28,16 @@ from typing import Any
 
 import redis
 
-from producer.embedded_redis import EmbeddedRedis
-from producer.queue import ToolQueue
-from worker.settings import Settings
+from mcpq.producer.embedded_redis import EmbeddedRedis
+from mcpq.producer.queue import ToolQueue
+from mcpq.worker.contract.settings import Settings
 
 CONFIG = """\
 mcp_servers:
   bench:
     transport: stdio
     command: {python}
-    args: ["-m", "worker.demo_server", "stdio"]
+    args: ["-m", "mcpq.worker.demo_server", "stdio"]
 """
 
 
@@ -92,7 +92,7 @@ def main(argv: list[str] | None = None) -> int:
             "MCPQ_QUEUE": "bench-rt",
         }
         worker = subprocess.Popen(
-            [sys.executable, "-m", "celery", "-A", "worker", "worker", "-P", args.pool, "-c", "8",
+            [sys.executable, "-m", "celery", "-A", "mcpq.worker", "worker", "-P", args.pool, "-c", "8",
              "-Q", "bench-rt", "--loglevel", "warning", "--without-gossip", "--without-mingle"],
             env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
         )  # fmt: skip

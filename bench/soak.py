@@ -370,7 +370,7 @@ def probe_body(top: int = 400, tracemalloc_action: str | None = None) -> dict[st
 
 
 def _register_probe() -> None:
-    from worker.celery import app
+    from mcpq.worker.celery import app
 
     @app.task(name=PROBE_TASK)
     def probe(top: int = 400, tracemalloc_action: str | None = None) -> dict[str, Any]:
@@ -381,7 +381,7 @@ def _register_probe() -> None:
 
 
 class DemoServerProcess:
-    """``python -m worker.demo_server http|sse --port P`` in its own session."""
+    """``python -m mcpq.worker.demo_server http|sse --port P`` in its own session."""
 
     def __init__(self, port: int, env: dict[str, str], transport: str = "http") -> None:
         self.port = port
@@ -393,7 +393,7 @@ class DemoServerProcess:
         self.log_path = Path(name)
 
     def start(self, timeout: float = 30.0) -> DemoServerProcess:
-        argv = [sys.executable, "-m", "worker.demo_server", self.transport, "--port", str(self.port)]
+        argv = [sys.executable, "-m", "mcpq.worker.demo_server", self.transport, "--port", str(self.port)]
         with self.log_path.open("ab") as log:
             self.proc = subprocess.Popen(
                 argv,
@@ -501,14 +501,16 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
         if args.result_expires is not None:
             bench_env["MCPQ_RESULT_EXPIRES"] = str(args.result_expires)
         os.environ.update(bench_env)  # before importing producer/worker (see the top)
-        from producer.embedded_redis import EmbeddedRedis
-        from producer.queue import ToolQueue
-        from worker.celery import app
-        from worker.settings import Settings
+        from mcpq.producer.embedded_redis import EmbeddedRedis
+        from mcpq.producer.queue import ToolQueue
+        from mcpq.worker.celery import app
+        from mcpq.worker.contract.settings import Settings
 
         settings = Settings.from_env()
         if app.conf.broker_url != settings.broker_url:
-            raise RuntimeError("worker.celery.app was built before MCPQ_BROKER_URL was set: run as a program")
+            raise RuntimeError(
+                "mcpq.worker.celery.app was built before MCPQ_BROKER_URL was set: run as a program"
+            )
         concurrency = args.concurrency or settings.worker_concurrency
         report["concurrency"] = concurrency
 
@@ -530,7 +532,7 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
         http.start()
 
         # The environment `mcpq worker` gives its worker (two malloc arenas), then the experiments.
-        from producer.cli import worker_environment
+        from mcpq.producer.cli import worker_environment
 
         worker_env = {
             **worker_environment(child_env),

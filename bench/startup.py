@@ -4,7 +4,7 @@
 
 Each run starts the console script a user runs, ``mcpq worker`` (default
 options: threads pool, ``-c`` 32, ``--loglevel info``; it checks the config,
-then execs ``python -m celery -A worker worker ...``), against a private
+then execs ``python -m celery -A mcpq.worker worker ...``), against a private
 redis-server emptied before every start (a first start: no tool map, no
 remembered protocol versions). ``--servers`` 1, 2 or 3 configures the bundled
 demo server over stdio, plus Streamable HTTP, plus legacy SSE (the HTTP and SSE
@@ -33,8 +33,8 @@ Two ways of making the first call, each on its own fresh worker per run:
   (timed: submit -> result), one call per server, then ``--steady`` more calls
   to the stdio server for the steady-state latency.
 
-Before the runs, the imports alone: ``python -c "import worker.tasks"`` (and
-``pass``, ``import producer.cli``, ``import worker.demo_server``: what a stdio
+Before the runs, the imports alone: ``python -c "import mcpq.worker.tasks"`` (and
+``pass``, ``import mcpq.producer.cli``, ``import mcpq.worker.demo_server``: what a stdio
 server start costs) wall time, and ``python -X importtime`` summarized by
 top-level package.
 
@@ -260,7 +260,7 @@ def _start_worker(
 
 
 def _wait_result(handle: Any, worker: TimedWorker, timeout: float = FIRST_CALL_WAIT) -> Any:
-    from worker.errors import MCPTimeoutError
+    from mcpq.worker.contract.errors import MCPTimeoutError
 
     deadline = time.monotonic() + timeout
     while True:
@@ -374,21 +374,23 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
             label: _time_python(code, child_env, args.runs)
             for label, code in (
                 ("python -c pass", "pass"),
-                ("import worker.tasks", "import worker.tasks"),
-                ("import producer.cli", "import producer.cli"),
-                ("import worker.demo_server", "import worker.demo_server"),
+                ("import mcpq.worker.tasks", "import mcpq.worker.tasks"),
+                ("import mcpq.producer.cli", "import mcpq.producer.cli"),
+                ("import mcpq.worker.demo_server", "import mcpq.worker.demo_server"),
             )
         }
-        report["importtime"] = importtime_summary(child_env, "worker.tasks")
+        report["importtime"] = importtime_summary(child_env, "mcpq.worker.tasks")
 
-        from producer.embedded_redis import EmbeddedRedis
-        from producer.queue import ToolQueue
-        from worker.celery import app
-        from worker.settings import Settings
+        from mcpq.producer.embedded_redis import EmbeddedRedis
+        from mcpq.producer.queue import ToolQueue
+        from mcpq.worker.celery import app
+        from mcpq.worker.contract.settings import Settings
 
         settings = Settings.from_env()
         if app.conf.broker_url != settings.broker_url:
-            raise RuntimeError("worker.celery.app was built before MCPQ_BROKER_URL was set: run as a program")
+            raise RuntimeError(
+                "mcpq.worker.celery.app was built before MCPQ_BROKER_URL was set: run as a program"
+            )
         redis_proc = stack.enter_context(EmbeddedRedis(port=redis_port))
         if redis_proc.process is not None:
             with contextlib.suppress(OSError):
@@ -543,8 +545,8 @@ def render(report: dict[str, Any]) -> str:
     lines += [f"  {label:<58} {_med(values)}" for label, values in rows]
     lines.append(
         f"  (start-up rows from all {len(both)} starts. The warm-up discovers every server at once and logs "
-        "them together, so each (c) row is the slowest server's time; 'import worker.demo_server' above is "
-        "most of what starting the stdio server costs. 'after warm-up: process start -> first result' is "
+        "them together, so each (c) row is the slowest server's time; 'import mcpq.worker.demo_server' above"
+        " is most of what starting the stdio server costs. 'after warm-up: process start -> first result' is "
         "when the last server was discovered plus the first call: a caller who waited exactly that long)"
     )
     problems = [p for r in both for p in r["problems"]]

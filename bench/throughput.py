@@ -83,14 +83,14 @@ from bench.latency import (
 from bench.runner import run_and_report
 
 if TYPE_CHECKING:
-    from producer.embedded_redis import EmbeddedRedis
-    from producer.queue import ToolQueue
+    from mcpq.producer.embedded_redis import EmbeddedRedis
+    from mcpq.producer.queue import ToolQueue
 
 # As in bench/latency.py: nothing from producer/ or worker/ (nor bench.app /
-# bench.baselines, which import worker.celery) is imported at module level; the
+# bench.baselines, which import mcpq.worker.celery) is imported at module level; the
 # Celery app is built from MCPQ_* at import time, so ``run`` sets them first.
 
-STDIO_ARGS = ["-m", "worker.demo_server", "stdio"]
+STDIO_ARGS = ["-m", "mcpq.worker.demo_server", "stdio"]
 MCPQ_SERVER = {"stdio": "bench-stdio", "http": "bench-http"}
 CHUNK = 200  # the baselines' fan-out publishes like mcpq's default: groups of 200...
 WINDOW = 2000  # ...at most 2,000 outstanding
@@ -208,7 +208,7 @@ class Fleet:
 
 
 class HttpServer:
-    """``python -m worker.demo_server http`` (Streamable HTTP at /mcp) on a free port."""
+    """``python -m mcpq.worker.demo_server http`` (Streamable HTTP at /mcp) on a free port."""
 
     def __init__(self, env: dict[str, str]) -> None:
         self.port = _free_port()
@@ -227,7 +227,7 @@ class HttpServer:
         return self.proc.pid if self.proc is not None else None
 
     def start(self, timeout: float = 30.0) -> HttpServer:
-        argv = [sys.executable, "-m", "worker.demo_server", "http", "--host", "127.0.0.1"]
+        argv = [sys.executable, "-m", "mcpq.worker.demo_server", "http", "--host", "127.0.0.1"]
         argv += ["--port", str(self.port)]
         with self.log_path.open("ab") as log:
             self.proc = subprocess.Popen(
@@ -315,7 +315,7 @@ class DirectPool(DirectClient):
 
 
 def _is_server(proc: psutil.Process) -> bool:
-    return "worker.demo_server" in " ".join(_cmdline(proc))
+    return "mcpq.worker.demo_server" in " ".join(_cmdline(proc))
 
 
 def _terminate(procs: list[psutil.Process]) -> None:
@@ -560,22 +560,22 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
         workdir = Path(stack.enter_context(tempfile.TemporaryDirectory(prefix="mcpq-bench-")))
         bench_env = _bench_env(redis_base, workdir / "servers.yaml", tag)
         os.environ.update(bench_env)
-        # worker.celery builds its app from MCPQ_* at import: only now may it be imported.
+        # mcpq.worker.celery builds its app from MCPQ_* at import: only now may it be imported.
         import bench.baselines
-        import worker.tasks
-        from producer.embedded_redis import EmbeddedRedis
-        from producer.queue import ToolQueue
-        from worker.celery import app
-        from worker.settings import Settings
+        import mcpq.worker.tasks
+        from mcpq.producer.embedded_redis import EmbeddedRedis
+        from mcpq.producer.queue import ToolQueue
+        from mcpq.worker.celery import app
+        from mcpq.worker.contract.settings import Settings
 
         settings = Settings.from_env()
         if app.conf.broker_url != settings.broker_url:
             raise RuntimeError(
-                "worker.celery.app was built before this run set MCPQ_BROKER_URL "
+                "mcpq.worker.celery.app was built before this run set MCPQ_BROKER_URL "
                 f"({app.conf.broker_url!r} != {settings.broker_url!r}): run bench.throughput as a program"
             )
-        assert bench.baselines.bare_call.name in app.tasks and worker.tasks.call_tool.name in app.tasks
-        from producer import fanout
+        assert bench.baselines.bare_call.name in app.tasks and mcpq.worker.tasks.call_tool.name in app.tasks
+        from mcpq.producer import fanout
 
         report["chunk_tasks"] = CHUNK_TASK in app.tasks
         auto_chunk = getattr(fanout, "auto_chunk_size", None)

@@ -1,14 +1,14 @@
 """mcpq producer: enqueue MCP tool calls from apps, the CLI and the HTTP API.
 
-    from producer import ToolQueue
+    from mcpq.producer import ToolQueue
     q = ToolQueue.from_env()
     result = q.call("get-sum", {"a": 2, "b": 40}, timeout=30)
 
 Importing this package never imports the MCP SDK.
 """
 
-from producer.queue import CallHandle, ToolQueue
-from worker.errors import (
+from mcpq.producer.queue import CallHandle, ToolQueue
+from mcpq.worker.contract.errors import (
     AmbiguousToolError,
     CircuitOpenError,
     ErrorCode,
@@ -21,7 +21,7 @@ from worker.errors import (
     ToolExecutionError,
     ToolNotFoundError,
 )
-from worker.result import ToolResult
+from mcpq.worker.contract.result import ToolResult
 
 __all__ = [
     "AmbiguousToolError",

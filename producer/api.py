@@ -1,4 +1,4 @@
-"""The mcpq HTTP API: a FastAPI app over :class:`producer.queue.ToolQueue`.
+"""The mcpq HTTP API: a FastAPI app over :class:`mcpq.producer.queue.ToolQueue`.
 
 Read-only endpoints (servers, tools, health, breakers) are open; everything
 that runs a tool, changes fleet state or reads a call's result is *admin* and
@@ -7,7 +7,7 @@ admin endpoints refuse with 403 (secure by default).
 
 Like the rest of the producer this module never imports the MCP SDK: it sends
 tasks by name and reads shared state from Redis. Serve it with ``mcpq api`` or
-``uvicorn --factory producer.api:create_app``. See docs/http-api.md.
+``uvicorn --factory mcpq.producer.api:create_app``. See docs/http-api.md.
 """
 
 from __future__ import annotations
@@ -34,8 +34,8 @@ from kombu.exceptions import OperationalError
 from pydantic import BaseModel, ConfigDict, Field
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
-from producer.queue import ToolQueue
-from worker.errors import (
+from mcpq.producer.queue import ToolQueue
+from mcpq.worker.contract.errors import (
     ConfigError,
     ErrorCode,
     MCPConnectionError,
@@ -44,8 +44,9 @@ from worker.errors import (
     ServerNotFoundError,
     error_class,
 )
-from worker.result import ToolResult
-from worker.settings import Settings, redact_url
+from mcpq.worker.contract.redact import redact_url
+from mcpq.worker.contract.result import ToolResult
+from mcpq.worker.contract.settings import Settings
 
 log = logging.getLogger("mcpq.api")
 

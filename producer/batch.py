@@ -24,10 +24,10 @@ from typing import IO, Any
 
 import click
 
-from producer.fanout import DEFAULT_WINDOW, Call
-from worker.errors import ErrorCode, InvalidArgumentsError, MCPConnectionError
-from worker.result import ToolResult
-from worker.task_names import MAX_CHUNK_CALLS
+from mcpq.producer.fanout import DEFAULT_WINDOW, Call
+from mcpq.worker.contract.errors import ErrorCode, InvalidArgumentsError, MCPConnectionError
+from mcpq.worker.contract.result import ToolResult
+from mcpq.worker.contract.task_names import MAX_CHUNK_CALLS
 
 EXIT_OK, EXIT_FAILED, EXIT_USAGE, EXIT_UNREACHABLE = 0, 1, 2, 3
 EXIT_INTERRUPTED = 130
@@ -309,7 +309,7 @@ def run_batch(
     """The body of ``mcpq batch``; raises ResultsFileError for a bad --out file.
     ``queue`` is a ToolQueue (or a callable returning one, called only if
     some line needs the broker)."""
-    from producer import fanout
+    from mcpq.producer import fanout
 
     state = read_results(out_path)
     call_lines = [number for number, _ in iter_input(calls_path)]
@@ -388,7 +388,7 @@ def _chain(first: Call, rest: Iterator[Call]) -> Iterator[Call]:
 
 
 def _queue() -> Any:
-    from producer.queue import ToolQueue
+    from mcpq.producer.queue import ToolQueue
 
     return ToolQueue.from_env()
 

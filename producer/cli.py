@@ -16,8 +16,14 @@ from typing import Any, NoReturn
 
 import click
 
-from worker.errors import ConfigError, MCPConnectionError, MCPError, MCPTimeoutError, ServerNotFoundError
-from worker.settings import Settings
+from mcpq.worker.contract.errors import (
+    ConfigError,
+    MCPConnectionError,
+    MCPError,
+    MCPTimeoutError,
+    ServerNotFoundError,
+)
+from mcpq.worker.contract.settings import Settings
 
 EXIT_OK, EXIT_FAILED, EXIT_USAGE, EXIT_UNREACHABLE = 0, 1, 2, 3
 
@@ -48,7 +54,7 @@ def parse_arguments(values: Sequence[str]) -> dict[str, Any]:
 
 
 def _queue() -> Any:
-    from producer.queue import ToolQueue
+    from mcpq.producer.queue import ToolQueue
 
     return ToolQueue.from_env()
 
@@ -241,7 +247,7 @@ def reconnect(server: str) -> None:
 def api(host: str, port: int) -> None:
     """Serve the HTTP API (admin endpoints need MCPQ_ADMIN_TOKEN)."""
     try:
-        from producer.api import serve
+        from mcpq.producer.api import serve
     except ImportError as exc:
         _fail(f"the HTTP API needs its extra: pip install 'mcpq[api]' ({exc})", EXIT_USAGE)
     serve(host, port)
@@ -311,11 +317,11 @@ def breakers_reset(server: str) -> None:
 def worker(
     concurrency: int | None, pool: str, loglevel: str, mingle: bool, celery_args: tuple[str, ...]
 ) -> None:
-    """Start a worker (celery -A worker worker) after checking the config.
+    """Start a worker (celery -A mcpq.worker worker) after checking the config.
 
     Options after ``--`` go to Celery as they are."""
-    from worker.budgets import check_time_budgets
-    from worker.config import load_config
+    from mcpq.worker.budgets import check_time_budgets
+    from mcpq.worker.config import load_config
 
     settings = Settings.from_env()
     try:
@@ -329,7 +335,7 @@ def worker(
         err=True,
     )
     argv = [
-        sys.executable, "-m", "celery", "-A", "worker", "worker",
+        sys.executable, "-m", "celery", "-A", "mcpq.worker", "worker",
         "-P", pool, "-c", str(concurrency or settings.worker_concurrency),
         "-Q", settings.queue, "--loglevel", loglevel,
         *([] if mingle else ["--without-mingle"]), *celery_args,
@@ -349,13 +355,13 @@ def worker_environment(env: Mapping[str, str]) -> dict[str, str]:
 @click.option("--keep", is_flag=True, help="Leave the demo running until Ctrl-C.")
 def demo(keep: bool) -> None:
     """Run the end-to-end demo: embedded Redis, a worker, demo servers over stdio, HTTP and SSE."""
-    from producer.demo import run_demo
+    from mcpq.producer.demo import run_demo
 
     sys.exit(run_demo(keep=keep))
 
 
 def _add_batch_command() -> None:
-    from producer.batch import batch
+    from mcpq.producer.batch import batch
 
     cli.add_command(batch)
 

@@ -23,10 +23,10 @@ from typing import Any
 
 import click
 
-from producer.embedded_redis import EmbeddedRedis, free_port
-from producer.queue import ToolQueue
-from worker.result import ToolResult
-from worker.settings import Settings
+from mcpq.producer.embedded_redis import EmbeddedRedis, free_port
+from mcpq.producer.queue import ToolQueue
+from mcpq.worker.contract.result import ToolResult
+from mcpq.worker.contract.settings import Settings
 
 DEMO_CONFIG = """\
 # Written by `mcpq demo`: the bundled demo server over all three transports.
@@ -34,7 +34,7 @@ mcp_servers:
   demo-stdio:
     transport: stdio
     command: {python}
-    args: ["-m", "worker.demo_server", "stdio"]
+    args: ["-m", "mcpq.worker.demo_server", "stdio"]
     description: demo server as a child process of the worker
   demo-http:
     transport: http
@@ -117,7 +117,7 @@ def run_demo(keep: bool = False) -> int:
         env.setdefault("MCPQ_QUEUE", f"mcpq-demo-{os.getpid()}")
 
         click.echo("* starting the demo MCP server over Streamable HTTP and SSE")
-        module = [sys.executable, "-m", "worker.demo_server"]
+        module = [sys.executable, "-m", "mcpq.worker.demo_server"]
         http = stack.enter_context(_process([*module, "http", "--port", str(http_port)], env))
         sse = stack.enter_context(_process([*module, "sse", "--port", str(sse_port)], env))
         _wait_for_port(http_port, http)

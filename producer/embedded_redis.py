@@ -15,7 +15,7 @@ import time
 from pathlib import Path
 from types import TracebackType
 
-from worker.errors import ConfigError
+from mcpq.worker.contract.errors import ConfigError
 
 
 def find_redis_server() -> str:

@@ -49,16 +49,15 @@ from celery.exceptions import TimeoutError as CeleryTimeoutError
 from celery.result import AsyncResult
 from kombu.exceptions import OperationalError
 
-from producer.unreachable import is_unreachable
-from worker.errors import ErrorCode, InvalidArgumentsError, MCPConnectionError, MCPTimeoutError
-from worker.ledger import ledger_message
-from worker.redact import describe_call, describe_chunk
-from worker.result import ToolResult
-from worker.settings import redact_url
-from worker.task_names import CALL_CHUNK, CALL_TOOL, MAX_CHUNK_CALLS
+from mcpq.worker.contract.errors import ErrorCode, InvalidArgumentsError, MCPConnectionError, MCPTimeoutError
+from mcpq.worker.contract.ledger import ledger_message
+from mcpq.worker.contract.redact import describe_call, describe_chunk, redact_url
+from mcpq.worker.contract.result import ToolResult
+from mcpq.worker.contract.task_names import CALL_CHUNK, CALL_TOOL, MAX_CHUNK_CALLS
+from mcpq.worker.contract.unreachable import is_unreachable
 
 if TYPE_CHECKING:
-    from producer.queue import ToolQueue
+    from mcpq.producer.queue import ToolQueue
 
 #: Calls published per round. Small enough that publishing one round never
 #: holds up reading results for long.
@@ -454,7 +453,7 @@ class _Run:
         on_progress: ProgressCallback | None,
         task_ids: Sequence[str] | None = None,
     ) -> None:
-        from producer.queue import PUBLISH_RETRY, RESULT_GRACE
+        from mcpq.producer.queue import PUBLISH_RETRY, RESULT_GRACE
 
         if chunk_size is not None and not 1 <= chunk_size <= MAX_CHUNK_CALLS:
             raise ValueError(f"chunk_size must be from 1 to {MAX_CHUNK_CALLS}")

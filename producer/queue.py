@@ -19,25 +19,25 @@ from celery.exceptions import TimeoutError as CeleryTimeoutError
 from celery.result import AsyncResult
 from kombu.exceptions import OperationalError
 
-from producer.unreachable import exception_chain, is_unreachable
-from worker.breaker import breaker_status, reset_breaker
-from worker.celery import make_app
-from worker.errors import (
+from mcpq.worker.contract.app import make_app
+from mcpq.worker.contract.breaker_state import breaker_status, reset_breaker
+from mcpq.worker.contract.errors import (
     ErrorCode,
     InvalidArgumentsError,
     MCPConnectionError,
     MCPTimeoutError,
     ServerNotFoundError,
 )
-from worker.keys import Keys
-from worker.ledger import Ledger, ledger_message
-from worker.redact import describe_call
-from worker.result import ToolResult
-from worker.settings import Settings, redact_url
-from worker.task_names import CALL_TOOL, DISCOVER, HEALTH
+from mcpq.worker.contract.keys import Keys
+from mcpq.worker.contract.ledger import Ledger, ledger_message
+from mcpq.worker.contract.redact import describe_call, redact_url
+from mcpq.worker.contract.result import ToolResult
+from mcpq.worker.contract.settings import Settings
+from mcpq.worker.contract.task_names import CALL_TOOL, DISCOVER, HEALTH
+from mcpq.worker.contract.unreachable import exception_chain, is_unreachable
 
 if TYPE_CHECKING:
-    from producer.fanout import Call, FanOutHandle, ProgressCallback
+    from mcpq.producer.fanout import Call, FanOutHandle, ProgressCallback
 
 #: Extra wait beyond the call's own deadline: queueing, connect, result write.
 log = logging.getLogger(__name__)
@@ -362,7 +362,7 @@ class ToolQueue:
         ``chunk_size`` is calls per task (None: ``fanout.auto_chunk_size``; 1:
         one task per call); ``window`` caps calls outstanding at once (None: the
         default, ``fanout.DEFAULT_WINDOW``; 0: no cap)."""
-        from producer import fanout
+        from mcpq.producer import fanout
 
         return fanout.map_calls(
             self,
@@ -389,7 +389,7 @@ class ToolQueue:
     ) -> list[ToolResult]:
         """Run ``calls`` (an iterable of ``fanout.Call`` or ``{"tool", "arguments",
         "server", "timeout"}`` dicts); one ToolResult per call, in input order."""
-        from producer import fanout
+        from mcpq.producer import fanout
 
         return fanout.fan_out(
             self,
@@ -412,7 +412,7 @@ class ToolQueue:
         stall_timeout: float | None = None,
     ) -> Iterator[tuple[int, ToolResult]]:
         """Iterator of ``(index, ToolResult)`` as calls finish, every index once."""
-        from producer import fanout
+        from mcpq.producer import fanout
 
         return fanout.as_completed(
             self,
@@ -436,7 +436,7 @@ class ToolQueue:
         """Publish a batch and return a ``fanout.FanOutHandle`` at once (``.ids``,
         ``.results()``, ``.iter_completed()``); every call is published before
         this returns unless ``window`` is set."""
-        from producer import fanout
+        from mcpq.producer import fanout
 
         return fanout.submit_many(
             self, calls, chunk_size=chunk_size, window=window, queue=queue, stall_timeout=stall_timeout

@@ -15,7 +15,7 @@ from typing import Any
 
 import pytest
 
-from producer.embedded_redis import EmbeddedRedis
+from mcpq.producer.embedded_redis import EmbeddedRedis
 
 
 @pytest.fixture(scope="session")

@@ -18,12 +18,13 @@ import logging
 import threading
 import time
 from dataclasses import dataclass
-from importlib import resources
 from typing import Any, Literal
 
 import redis
 
-from worker.keys import Keys
+from mcpq.worker.contract.breaker_state import as_text
+from mcpq.worker.contract.keys import Keys
+from mcpq.worker.contract.scripts import load_script
 
 log = logging.getLogger(__name__)
 
@@ -33,10 +34,6 @@ Decision = Literal["allow", "probe", "reject", "limited", "done", "busy", "orpha
 #: After Redis fails, wait this long before trying it again (calls in between
 #: use the local breaker without paying a connect timeout each).
 REDIS_RETRY_INTERVAL = 1.0
-
-
-def _lua(name: str) -> str:
-    return resources.files("worker").joinpath("lua", name).read_text()
 
 
 @dataclass(frozen=True, slots=True)
@@ -156,8 +153,8 @@ class ServerGuard:
     def __init__(self, client: redis.Redis, keys: Keys) -> None:
         self.redis = client
         self.keys = keys
-        self._admit = client.register_script(_lua("admit.lua"))
-        self._complete = client.register_script(_lua("complete.lua"))
+        self._admit = load_script(client, "admit.lua")
+        self._complete = load_script(client, "complete.lua")
         self._local: dict[str, LocalBreaker] = {}
         self._lock = threading.RLock()
         self._redis_down_until = 0.0
@@ -221,7 +218,7 @@ class ServerGuard:
                 self._redis_failed(exc)
             else:
                 self._redis_ok()
-                decision, state, retry_ms, reason, stored = (_text(v) for v in raw)
+                decision, state, retry_ms, reason, stored = (as_text(v) for v in raw)
                 return Admission(decision, state, int(retry_ms) / 1000, reason, token, True, stored)  # type: ignore[arg-type]
         with self._lock:
             decision, state, retry_after, reason = self._local_for(server).admit(policy, token, lease_ttl)
@@ -278,7 +275,7 @@ class ServerGuard:
                 self._redis_failed(exc)
             else:
                 self._redis_ok()
-                state, note = _text(raw[0]), _text(raw[2])
+                state, note = as_text(raw[0]), as_text(raw[2])
                 if note in ("tripped", "rate_tripped", "probe_failed"):
                     log.warning("circuit breaker for %r opened (%s, last error %s)", server, note, error_code)
                 elif note == "probe_succeeded":
@@ -291,46 +288,3 @@ class ServerGuard:
         if state != before:
             log.warning("circuit breaker for %r (this process only) is now %s", server, state)
         return state
-
-
-def _text(value: Any) -> str:
-    return value.decode() if isinstance(value, bytes) else str(value)
-
-
-# -- status and reset: used by the manager and, without the MCP SDK, the producer --
-
-
-def breaker_status(client: redis.Redis, keys: Keys, servers: list[str]) -> dict[str, dict[str, Any]]:
-    """State, consecutive failures, opened at, next probe at (epoch seconds) per server."""
-    pipe = client.pipeline()
-    pipe.time()
-    for name in servers:
-        pipe.hgetall(keys.breaker(name))
-        pipe.zcard(keys.inflight(name))
-    replies = pipe.execute()
-    seconds, micros = replies[0]
-    now_ms = seconds * 1000 + micros // 1000
-    out: dict[str, dict[str, Any]] = {}
-    for i, name in enumerate(servers):
-        raw = {_text(k): _text(v) for k, v in replies[1 + 2 * i].items()}
-        state = raw.get("state", "closed")
-        open_until = int(raw.get("open_until", 0) or 0)
-        if state == "open" and now_ms >= open_until:
-            state = "half_open"  # the next call will be the probe
-        leases = sum(1 for k, v in raw.items() if k.startswith("lease:") and int(v) > now_ms)
-        out[name] = {
-            "state": state,
-            "failures": int(raw.get("failures", 0) or 0),
-            "opened_at": int(raw["opened_at"]) / 1000 if "opened_at" in raw and state != "closed" else None,
-            "next_probe_at": open_until / 1000 if state != "closed" and open_until else None,
-            "probe_in_flight": leases,
-            "last_error": raw.get("last_error") or None,
-            "trips": int(raw.get("trips", 0) or 0),
-            "in_flight": int(replies[2 + 2 * i]),
-        }
-    return out
-
-
-def reset_breaker(client: redis.Redis, keys: Keys, server: str) -> bool:
-    """Close the server's breaker fleet-wide; True if there was state to clear."""
-    return bool(client.delete(keys.breaker(server)))

@@ -10,9 +10,9 @@ from __future__ import annotations
 
 import itertools
 
-from worker.config import MCPQConfig
-from worker.errors import ConfigError
-from worker.settings import Settings
+from mcpq.worker.config import MCPQConfig
+from mcpq.worker.contract.errors import ConfigError
+from mcpq.worker.contract.settings import Settings
 
 
 def longest_call(config: MCPQConfig) -> tuple[float, str]:

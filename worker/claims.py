@@ -26,13 +26,13 @@ import os
 import socket
 import threading
 import uuid
-from importlib import resources
 
 import redis
 
-from worker.breaker import Claim
-from worker.keys import Keys
-from worker.result import ToolResult
+from mcpq.worker.breaker import Claim
+from mcpq.worker.contract.keys import Keys
+from mcpq.worker.contract.result import ToolResult
+from mcpq.worker.contract.scripts import load_script
 
 log = logging.getLogger(__name__)
 
@@ -64,9 +64,8 @@ class ClaimKeeper:
         self.lease = lease
         self.ttl = ttl
         self.owner = worker_identity()
-        lua = resources.files("worker").joinpath("lua")
-        self._heartbeat = client.register_script(lua.joinpath("heartbeat.lua").read_text())
-        self._finish = client.register_script(lua.joinpath("finish_claim.lua").read_text())
+        self._heartbeat = load_script(client, "heartbeat.lua")
+        self._finish = load_script(client, "finish_claim.lua")
         self._running: set[str] = set()
         self._lock = threading.Lock()
         self._stop = threading.Event()

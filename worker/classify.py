@@ -26,7 +26,7 @@ from mcp_types import (
 )
 from pydantic import ValidationError
 
-from worker.errors import (
+from mcpq.worker.contract.errors import (
     InternalError,
     InvalidArgumentsError,
     MCPConnectionError,

@@ -7,7 +7,7 @@ Three shapes are read by one loader, because JSON is valid YAML:
 * Claude Desktop / Cursor: ``{"mcpServers": {name: {"command": ...} | {"url": ...}}}``;
 * VS Code: ``{"servers": {name: {"type": "stdio" | "http" | "sse", ...}}}``.
 
-Every problem surfaces as :class:`~worker.errors.ConfigError` naming the file,
+Every problem surfaces as :class:`~mcpq.worker.contract.errors.ConfigError` naming the file,
 the line, the server and the field, because the person reading it is editing
 a file, not debugging a traceback. Nothing here imports the MCP SDK, so the
 producer and the CLI can read the file cheaply.
@@ -24,7 +24,7 @@ from dataclasses import dataclass
 from datetime import date, datetime
 from pathlib import Path
 from typing import Any, Literal, Self
-from urllib.parse import urlsplit, urlunsplit
+from urllib.parse import urlsplit
 
 import yaml
 from pydantic import (
@@ -38,7 +38,8 @@ from pydantic import (
     model_validator,
 )
 
-from worker.errors import ConfigError
+from mcpq.worker.contract.errors import ConfigError
+from mcpq.worker.contract.redact import DEFAULT_SECRET_PATTERNS, redact_args, redact_url
 
 __all__ = [
     "DEFAULT_SECRET_PATTERNS",
@@ -51,15 +52,6 @@ __all__ = [
 
 Transport = Literal["stdio", "http", "sse"]
 
-DEFAULT_SECRET_PATTERNS: tuple[str, ...] = (
-    "token",
-    "password",
-    "passwd",
-    "secret",
-    "key",
-    "authorization",
-    "credential",
-)
 
 _NAME_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.-]*$")
 _PROTOCOL_DATE_RE = re.compile(r"^\d{4}-\d{2}-\d{2}$")
@@ -202,7 +194,7 @@ class MCPServerConfig(BaseModel):
             return None
         parts = urlsplit(value)
         if parts.scheme.lower() not in ("http", "https") or not parts.netloc:
-            raise ValueError(f"url must start with http:// or https://, got {_redact_url(value)!r}")
+            raise ValueError(f"url must start with http:// or https://, got {redact_url(value)!r}")
         return value
 
     @field_validator("args", mode="before")
@@ -286,12 +278,12 @@ class MCPServerConfig(BaseModel):
     def _serialize_url(self, value: str | None) -> str | None:
         # JSON dumps get published and logged; Python dumps keep the real URL
         # (as SecretStr keeps its value) so they can rebuild a config.
-        return None if value is None else _redact_url(value)
+        return None if value is None else redact_url(value)
 
     def __repr_args__(self) -> Iterator[tuple[str | None, Any]]:
         for key, value in super().__repr_args__():
             if key == "url" and isinstance(value, str):
-                value = _redact_url(value)
+                value = redact_url(value)
             yield key, value
 
     def header_values(self) -> dict[str, str]:
@@ -314,9 +306,9 @@ class MCPServerConfig(BaseModel):
         return {
             "name": self.name,
             "transport": self.transport,
-            "url": None if self.url is None else _redact_url(self.url),
+            "url": None if self.url is None else redact_url(self.url),
             "command": self.command,
-            "args": _redact_args(self.args),
+            "args": redact_args(self.args),
             "enabled": self.enabled,
             "description": self.description,
             "timeout": self.timeout,
@@ -325,29 +317,6 @@ class MCPServerConfig(BaseModel):
             "header_names": sorted(self.headers),
             "env_names": sorted(self.env),
         }
-
-
-def _secret_name(name: str) -> bool:
-    lowered = name.lower()
-    return any(p in lowered for p in DEFAULT_SECRET_PATTERNS)
-
-
-def _redact_args(args: list[str]) -> list[str]:
-    """Args as published: ``--token X``, ``--token=X`` and ``API_KEY=X`` show ``***``
-    for X, since a ``${VAR}`` expanded into an argument is as secret as the env."""
-    out: list[str] = []
-    hide_next = False
-    for arg in args:
-        name, eq, _ = arg.partition("=")
-        if hide_next:
-            out.append("***")
-            hide_next = False
-        elif eq and _secret_name(name):
-            out.append(f"{name}=***")
-        else:
-            out.append(arg)
-            hide_next = arg.startswith("-") and not eq and _secret_name(arg)
-    return out
 
 
 class MCPQConfig(BaseModel):
@@ -935,29 +904,3 @@ def _transport_for_url(url: Any) -> Transport:
     if isinstance(url, str) and urlsplit(url).path.rstrip("/").endswith("/sse"):
         return "sse"
     return "http"
-
-
-def _redact_url(url: str) -> str:
-    """Hide userinfo passwords and secret-looking query values.
-
-    A bare ``user@`` is hidden too: tokens are often passed as the user name.
-    """
-    try:
-        parts = urlsplit(url)
-    except ValueError:
-        return "***"
-    netloc = parts.netloc
-    if "@" in netloc:
-        userinfo, host = netloc.rsplit("@", 1)
-        user, has_password, _ = userinfo.partition(":")
-        netloc = f"{user}:***@{host}" if has_password else f"***@{host}"
-    query = parts.query
-    if query:
-        pieces = []
-        for piece in query.split("&"):
-            key, eq, _ = piece.partition("=")
-            if eq and any(p in key.lower() for p in DEFAULT_SECRET_PATTERNS):
-                piece = f"{key}=***"
-            pieces.append(piece)
-        query = "&".join(pieces)
-    return urlunsplit((parts.scheme, netloc, parts.path, query, parts.fragment))

@@ -9,9 +9,9 @@ A small, dependency-free server built on the official SDK's ``MCPServer``:
 
 Run it with one of::
 
-    python -m worker.demo_server stdio
-    python -m worker.demo_server http --host 127.0.0.1 --port 8765   # Streamable HTTP at /mcp
-    python -m worker.demo_server sse --host 127.0.0.1 --port 8766    # legacy SSE at /sse
+    python -m mcpq.worker.demo_server stdio
+    python -m mcpq.worker.demo_server http --host 127.0.0.1 --port 8765   # Streamable HTTP at /mcp
+    python -m mcpq.worker.demo_server sse --host 127.0.0.1 --port 8766    # legacy SSE at /sse
 
 Logging is set to warnings only, and every log line goes to stderr, so stdout
 of the stdio transport carries nothing but JSON-RPC.
@@ -80,7 +80,9 @@ def build_server(name: str = SERVER_NAME) -> MCPServer:
 
 
 def _parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog="python -m worker.demo_server", description="mcpq demo MCP server")
+    parser = argparse.ArgumentParser(
+        prog="python -m mcpq.worker.demo_server", description="mcpq demo MCP server"
+    )
     sub = parser.add_subparsers(dest="transport", required=True, metavar="{stdio,http,sse}")
     sub.add_parser("stdio", help="serve over stdin/stdout")
     http = sub.add_parser("http", help="serve Streamable HTTP at /mcp")

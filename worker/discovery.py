@@ -15,9 +15,9 @@ from typing import Any
 
 from mcp import Client
 
-from worker.errors import MCPError, ProtocolError
-from worker.pool import ConnectionPool, OutcomeError
-from worker.registry import MCPServerRegistry, ToolSet
+from mcpq.worker.contract.errors import MCPError, ProtocolError
+from mcpq.worker.pool import ConnectionPool, OutcomeError
+from mcpq.worker.registry import MCPServerRegistry, ToolSet
 
 log = logging.getLogger(__name__)
 

@@ -14,10 +14,10 @@ import time
 from dataclasses import dataclass, field
 from typing import Any
 
-from worker.claims import CallInProgress
-from worker.config import MCPQConfig
-from worker.errors import ErrorCode
-from worker.result import ToolResult
+from mcpq.worker.claims import CallInProgress
+from mcpq.worker.config import MCPQConfig
+from mcpq.worker.contract.errors import ErrorCode
+from mcpq.worker.contract.result import ToolResult
 
 log = logging.getLogger(__name__)
 

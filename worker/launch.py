@@ -4,9 +4,9 @@ The SDK puts every stdio server in a new session (its own process group) and
 kills that group on a clean close, but a worker killed with SIGKILL closes
 nothing. Linux's parent-death signal covers that case: this launcher sets it,
 checks the parent has not already gone, then replaces itself with the real
-command. Usage (built by worker.transports, never from task input):
+command. Usage (built by mcpq.worker.transports, never from task input):
 
-    python -m worker.launch <command> [args...]
+    python -m mcpq.worker.launch <command> [args...]
 """
 
 from __future__ import annotations
@@ -30,7 +30,7 @@ def _set_parent_death_signal(sig: int) -> None:
 def main(argv: list[str] | None = None) -> None:
     args = sys.argv[1:] if argv is None else argv
     if not args:
-        sys.stderr.write("usage: python -m worker.launch <command> [args...]\n")
+        sys.stderr.write("usage: python -m mcpq.worker.launch <command> [args...]\n")
         raise SystemExit(2)
     expected_parent = int(os.environ.pop("MCPQ_LAUNCH_PARENT", "0") or 0)
     _set_parent_death_signal(signal.SIGTERM)

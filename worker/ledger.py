@@ -1,83 +1,18 @@
-"""The ledger of enqueued calls: what makes "nothing lost" hold on a Redis broker.
-
-kombu's Redis transport takes a message off the queue (BRPOP) and records it
-as unacknowledged in a second round trip; a worker killed in between takes
-the message with it. So the producer records every call (task id and
-message) in the state Redis before publishing it; the call's final result
-clears the entry inside the breaker's complete script (no extra round trip on
-the happy path); and every worker sweeps now and then for entries that have
-been due for longer than the broker could possibly need, and publishes them
-again. A republished call that is in fact still queued somewhere is
-harmless: its execution claim answers the second delivery.
-"""
+"""The sweeper that republishes calls the broker lost (the ledger itself is in
+``mcpq.worker.contract.ledger``: the producer records, the worker sweeps)."""
 
 from __future__ import annotations
 
-import json
 import logging
 import threading
-from collections.abc import Callable, Iterable
-from importlib import resources
+from collections.abc import Callable
 from typing import Any
 
 import redis
 
-from worker.keys import Keys
+from mcpq.worker.contract.ledger import Ledger
 
 log = logging.getLogger(__name__)
-
-#: Entries handed to one sweeper per pass.
-SWEEP_BATCH = 200
-
-
-def _script(client: redis.Redis, name: str) -> Any:
-    return client.register_script(resources.files("worker").joinpath("lua", name).read_text())
-
-
-def ledger_message(
-    kwargs: dict[str, Any], queue: str, kwargsrepr: str, task: str | None = None
-) -> dict[str, Any]:
-    """What a sweeper needs to publish a call again: the task's kwargs, its queue,
-    its secret-free description and, unless ``mcpq.call_tool``, the task name."""
-    message = {"kwargs": kwargs, "queue": queue, "kwargsrepr": kwargsrepr}
-    if task is not None:
-        message["task"] = task
-    return message
-
-
-class Ledger:
-    def __init__(self, client: redis.Redis, keys: Keys, grace: float) -> None:
-        self.redis = client
-        self.keys = keys
-        self.grace_ms = int(grace * 1000)
-        self._add = _script(client, "ledger_add.lua")
-        self._sweep = _script(client, "ledger_sweep.lua")
-
-    @property
-    def key_pair(self) -> list[str]:
-        return [self.keys.ledger, self.keys.ledger_messages]
-
-    def record(self, entries: Iterable[tuple[str, dict[str, Any]]], extra_grace: float = 0.0) -> None:
-        """Record calls about to be published: (task id, :func:`ledger_message`)."""
-        args: list[Any] = [self.grace_ms + int(extra_grace * 1000)]
-        for task_id, message in entries:
-            args += [task_id, json.dumps(message, separators=(",", ":"))]
-        if len(args) > 1:
-            self._add(keys=self.key_pair, args=args)
-
-    def clear(self, task_id: str) -> None:
-        pipe = self.redis.pipeline(transaction=False)
-        pipe.zrem(self.keys.ledger, task_id)
-        pipe.hdel(self.keys.ledger_messages, task_id)
-        pipe.execute()
-
-    def take_overdue(self) -> list[tuple[str, dict[str, Any]]]:
-        raw = self._sweep(keys=self.key_pair, args=[self.grace_ms, SWEEP_BATCH])
-        out = []
-        for i in range(0, len(raw), 2):
-            task_id = raw[i].decode() if isinstance(raw[i], bytes) else str(raw[i])
-            out.append((task_id, json.loads(raw[i + 1])))
-        return out
 
 
 class LedgerSweeper:

@@ -20,18 +20,20 @@ from mcp_types.version import MODERN_PROTOCOL_VERSIONS
 from redis.backoff import NoBackoff
 from redis.retry import Retry
 
-from worker.breaker import ServerGuard, breaker_status, reset_breaker
-from worker.claims import ClaimKeeper
-from worker.config import MCPQConfig, load_config
-from worker.discovery import Discovery
-from worker.errors import MCPError
-from worker.keys import Keys
-from worker.ledger import Ledger, LedgerSweeper
-from worker.pool import ConnectionPool, OutcomeError, ProtocolChoice, ServerHandshake
-from worker.registry import MCPServerRegistry
-from worker.result import ToolResult
-from worker.router import ToolRouter
-from worker.settings import Settings
+from mcpq.worker.breaker import ServerGuard
+from mcpq.worker.claims import ClaimKeeper
+from mcpq.worker.config import MCPQConfig, load_config
+from mcpq.worker.contract.breaker_state import breaker_status, reset_breaker
+from mcpq.worker.contract.errors import MCPError
+from mcpq.worker.contract.keys import Keys
+from mcpq.worker.contract.ledger import Ledger
+from mcpq.worker.contract.result import ToolResult
+from mcpq.worker.contract.settings import Settings
+from mcpq.worker.discovery import Discovery
+from mcpq.worker.ledger import LedgerSweeper
+from mcpq.worker.pool import ConnectionPool, OutcomeError, ProtocolChoice, ServerHandshake
+from mcpq.worker.registry import MCPServerRegistry
+from mcpq.worker.router import ToolRouter
 
 log = logging.getLogger(__name__)
 

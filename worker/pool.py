@@ -32,11 +32,11 @@ import anyio
 import mcp_types as types
 from mcp import Client
 
-from worker.classify import Outcome, SessionClosedBeforeSend, classify
-from worker.config import MCPServerConfig
-from worker.errors import MCPConnectionError, MCPError, MCPTimeoutError, ServerNotFoundError
-from worker.loop import LoopThread
-from worker.transports import client_target
+from mcpq.worker.classify import Outcome, SessionClosedBeforeSend, classify
+from mcpq.worker.config import MCPServerConfig
+from mcpq.worker.contract.errors import MCPConnectionError, MCPError, MCPTimeoutError, ServerNotFoundError
+from mcpq.worker.loop import LoopThread
+from mcpq.worker.transports import client_target
 
 log = logging.getLogger(__name__)
 

@@ -22,43 +22,15 @@ from typing import Any
 
 import redis
 
-from worker.config import MCPQConfig, MCPServerConfig
-from worker.errors import ServerDisabledError, ServerNotFoundError
-from worker.keys import Keys
+from mcpq.worker.config import MCPQConfig, MCPServerConfig
+from mcpq.worker.contract.errors import ServerDisabledError, ServerNotFoundError
+from mcpq.worker.contract.keys import Keys
+from mcpq.worker.contract.scripts import load_script
 
 log = logging.getLogger(__name__)
 
 #: How often a process asks Redis whether another process re-discovered tools.
 VERSION_CHECK_INTERVAL = 1.0
-
-# Rebuilds the tool -> servers map from every configured server's tool list
-# in one atomic step. KEYS: map, version, then one tools key per server;
-# ARGV: the server names in the same order.
-_REBUILD_MAP = """
-local map_key, version_key = KEYS[1], KEYS[2]
-local by_tool = {}
-local order = {}
-for i = 3, #KEYS do
-  local raw = redis.call('GET', KEYS[i])
-  if raw then
-    local ok, doc = pcall(cjson.decode, raw)
-    if ok and type(doc) == 'table' and type(doc['tools']) == 'table' then
-      for _, tool in ipairs(doc['tools']) do
-        local name = tool['name']
-        if type(name) == 'string' then
-          if not by_tool[name] then by_tool[name] = {}; table.insert(order, name) end
-          table.insert(by_tool[name], ARGV[i - 2])
-        end
-      end
-    end
-  end
-end
-redis.call('DEL', map_key)
-for _, name in ipairs(order) do
-  redis.call('HSET', map_key, name, cjson.encode(by_tool[name]))
-end
-return redis.call('INCR', version_key)
-"""
 
 
 @dataclass(slots=True)
@@ -90,7 +62,7 @@ class MCPServerRegistry:
         self._toolsets: dict[str, ToolSet] = {}
         self._seen_version: int | None = None
         self._next_version_check = 0.0
-        self._rebuild = client.register_script(_REBUILD_MAP)
+        self._rebuild = load_script(client, "rebuild_tool_map.lua")
         self._redis_down_logged = False
         self._epochs: dict[str, int] | None = None
         #: Called (in the calling thread) with a server name when the fleet was asked to reconnect it.

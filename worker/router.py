@@ -17,12 +17,11 @@ from typing import Any
 
 from mcp import Client
 
-from worker.breaker import Admission, BreakerPolicy, Claim, ServerGuard
-from worker.claims import CallInProgress, ClaimKeeper, worker_of
-from worker.classify import Outcome, classify
-from worker.config import MCPQConfig, MCPServerConfig
-from worker.discovery import Discovery
-from worker.errors import (
+from mcpq.worker.breaker import Admission, BreakerPolicy, Claim, ServerGuard
+from mcpq.worker.claims import CallInProgress, ClaimKeeper, worker_of
+from mcpq.worker.classify import Outcome, classify
+from mcpq.worker.config import MCPQConfig, MCPServerConfig
+from mcpq.worker.contract.errors import (
     AmbiguousToolError,
     CircuitOpenError,
     InternalError,
@@ -35,11 +34,12 @@ from worker.errors import (
     ToolExecutionError,
     ToolNotFoundError,
 )
-from worker.pool import ConnectionPool, OutcomeError
-from worker.redact import scrub
-from worker.registry import MCPServerRegistry
-from worker.result import ToolResult
-from worker.validation import validate_arguments
+from mcpq.worker.contract.result import ToolResult
+from mcpq.worker.discovery import Discovery
+from mcpq.worker.pool import ConnectionPool, OutcomeError
+from mcpq.worker.redact import scrub
+from mcpq.worker.registry import MCPServerRegistry
+from mcpq.worker.validation import validate_arguments
 
 log = logging.getLogger(__name__)
 

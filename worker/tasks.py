@@ -19,17 +19,24 @@ from typing import Any
 import redis
 from celery import Task
 
-from worker.celery import app
-from worker.claims import CallInProgress
-from worker.errors import InternalError, InvalidArgumentsError, MCPError
-from worker.followup import Again, next_step, when_busy
-from worker.ledger import ledger_message
-from worker.manager import MCPClientManager, get_manager
-from worker.redact import describe_call
-from worker.result import ToolResult
-from worker.result_writer import ResultWriter
-from worker.router import LEDGER_CLEARED
-from worker.task_names import CALL_CHUNK, CALL_TOOL, DISCOVER, HEALTH, MAX_CHUNK_CALLS, RECONNECT
+from mcpq.worker.celery import app
+from mcpq.worker.claims import CallInProgress
+from mcpq.worker.contract.errors import InternalError, InvalidArgumentsError, MCPError
+from mcpq.worker.contract.ledger import ledger_message
+from mcpq.worker.contract.redact import describe_call
+from mcpq.worker.contract.result import ToolResult
+from mcpq.worker.contract.task_names import (
+    CALL_CHUNK,
+    CALL_TOOL,
+    DISCOVER,
+    HEALTH,
+    MAX_CHUNK_CALLS,
+    RECONNECT,
+)
+from mcpq.worker.followup import Again, next_step, when_busy
+from mcpq.worker.manager import MCPClientManager, get_manager
+from mcpq.worker.result_writer import ResultWriter
+from mcpq.worker.router import LEDGER_CLEARED
 
 log = logging.getLogger(__name__)
 

@@ -19,8 +19,8 @@ from mcp.client.stdio import StdioServerParameters
 from mcp.client.streamable_http import streamable_http_client
 from mcp.shared._httpx_utils import create_mcp_http_client
 
-from worker.config import MCPServerConfig
-from worker.errors import MCPConnectionError
+from mcpq.worker.config import MCPServerConfig
+from mcpq.worker.contract.errors import MCPConnectionError
 
 # How long an SSE stream may stay silent before the SDK gives up on it; a
 # dropped stream is noticed by the pool and reopened, so this only bounds
@@ -56,7 +56,7 @@ def stdio_parameters(config: MCPServerConfig) -> StdioServerParameters:
         env["PATH"] = os.environ["PATH"]
     return StdioServerParameters(
         command=sys.executable,
-        args=["-m", "worker.launch", command, *config.args],
+        args=["-m", "mcpq.worker.launch", command, *config.args],
         env=env,
         cwd=config.cwd,
     )

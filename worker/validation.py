@@ -10,8 +10,8 @@ from typing import Any
 from jsonschema import exceptions as js_exceptions
 from jsonschema import validators
 
-from worker.errors import InvalidArgumentsError
-from worker.redact import is_secret_key
+from mcpq.worker.contract.errors import InvalidArgumentsError
+from mcpq.worker.contract.redact import is_secret_key
 
 _MAX_LISTED = 5
 

@@ -18,7 +18,7 @@ import httpx
 import pytest
 import uvicorn
 
-from producer.api import create_app
+from mcpq.producer.api import create_app
 from tests.support.procs import free_port, wait_for_port, wait_until
 from tests.support.stack import Stack, stdio_server
 
@@ -257,7 +257,7 @@ def test_breakers_reset_reconnect_and_health(stack: Stack, api: httpx.Client) ->
 def test_mcpq_api_command_serves_the_app(stack: Stack) -> None:
     port = free_port()
     proc = subprocess.Popen(
-        [sys.executable, "-m", "producer.cli", "api", "--host", "127.0.0.1", "--port", str(port)],
+        [sys.executable, "-m", "mcpq.producer.cli", "api", "--host", "127.0.0.1", "--port", str(port)],
         env=stack.env,
         stdout=subprocess.PIPE,
         stderr=subprocess.STDOUT,

@@ -12,10 +12,10 @@ from typing import Any
 import pytest
 import redis
 
-from producer.fanout import Call, FanOutHandle
+from mcpq.producer.fanout import Call, FanOutHandle
+from mcpq.worker.contract.task_names import CALL_CHUNK, MAX_CHUNK_CALLS
 from tests.support.procs import read_count
 from tests.support.stack import TINY_BUDGETS, Stack, stdio_server
-from worker.task_names import CALL_CHUNK, MAX_CHUNK_CALLS
 
 pytestmark = [pytest.mark.integration, pytest.mark.timeout(180)]
 

@@ -44,7 +44,7 @@ def stdio_entry(count_dir: Path, **fields: Any) -> dict[str, Any]:
 
 def _result_or_diagnose(stack: Stack, handle: Any) -> Any:
     """The handle's result; if none comes, say where the call is stuck."""
-    from worker.errors import MCPTimeoutError
+    from mcpq.worker.contract.errors import MCPTimeoutError
 
     try:
         return handle.result(240)
@@ -154,7 +154,7 @@ def test_sigkill_a_worker_mid_chunked_batch(
     """The same guarantee with calls packed into chunk tasks: the killed worker's
     chunks come back, and only their unfinished calls run again (by the rules
     for a single call: a call that was running is re-run only if idempotent)."""
-    from producer.fanout import Call
+    from mcpq.producer.fanout import Call
 
     n = 1000
     stack: Stack = make_stack(
@@ -286,7 +286,7 @@ def test_http_server_restarted_mid_batch(make_stack: Callable[..., Any], count_d
 
 
 def test_state_redis_restarted_mid_batch(make_stack: Callable[..., Any], count_dir: Path) -> None:
-    from producer.embedded_redis import EmbeddedRedis
+    from mcpq.producer.embedded_redis import EmbeddedRedis
 
     state = EmbeddedRedis().start()
     port = state.port
@@ -357,7 +357,7 @@ def test_time_budgets_out_of_order_refuse_to_start(make_stack: Callable[..., Any
 
     stack = make_stack({"local": stdio_entry(count_dir, timeout=50)}, env={"MCPQ_SOFT_TIME_LIMIT": "30"})
     run = subprocess.run(
-        [sys.executable, "-m", "producer.cli", "worker"],
+        [sys.executable, "-m", "mcpq.producer.cli", "worker"],
         env=stack.env,
         capture_output=True,
         text=True,
@@ -367,7 +367,7 @@ def test_time_budgets_out_of_order_refuse_to_start(make_stack: Callable[..., Any
     assert "MCPQ_SOFT_TIME_LIMIT" in run.stderr and "local" in run.stderr
     started = time.monotonic()
     direct = subprocess.run(
-        [sys.executable, "-m", "celery", "-A", "worker", "worker", "-P", "threads", "-Q", "never"],
+        [sys.executable, "-m", "celery", "-A", "mcpq.worker", "worker", "-P", "threads", "-Q", "never"],
         env=stack.env,
         capture_output=True,
         text=True,

@@ -16,7 +16,7 @@ pytestmark = [pytest.mark.integration, pytest.mark.timeout(180)]
 def test_mcpq_demo_runs_end_to_end_on_an_embedded_redis() -> None:
     env = {k: v for k, v in os.environ.items() if not k.startswith("MCPQ_")}
     run = subprocess.run(
-        [sys.executable, "-m", "producer.cli", "demo"],
+        [sys.executable, "-m", "mcpq.producer.cli", "demo"],
         env={**env, "PYTHONPATH": str(REPO_ROOT)},
         cwd=REPO_ROOT,
         capture_output=True,

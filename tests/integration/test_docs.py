@@ -8,7 +8,7 @@ The page's fenced blocks are executed in order:
 * ``console`` blocks: each ``$ `` line runs in bash; the lines after it are
   fragments that must appear in its output; a trailing ``# exit N`` states
   the expected exit code (default 0);
-* ``yaml`` blocks must load with ``worker.config.parse_config``.
+* ``yaml`` blocks must load with ``mcpq.worker.config.parse_config``.
 """
 
 from __future__ import annotations
@@ -25,6 +25,7 @@ from typing import Any
 import pytest
 import uvicorn
 
+from mcpq.worker.config import parse_config
 from tests.support.procs import (
     REPO_ROOT,
     everything_stdio_command,
@@ -33,7 +34,6 @@ from tests.support.procs import (
     wait_for_port,
 )
 from tests.support.stack import Stack
-from worker.config import parse_config
 
 pytestmark = [pytest.mark.integration, pytest.mark.timeout(300)]
 
@@ -53,7 +53,7 @@ def docs_stack(make_stack: Callable[..., Any], count_dir: Path) -> Iterator[Stac
         stack: Stack = make_stack(
             {
                 "everything": {"command": node, "args": args, "protocol": "legacy"},
-                "demo": {"command": sys.executable, "args": ["-m", "worker.demo_server", "stdio"]},
+                "demo": {"command": sys.executable, "args": ["-m", "mcpq.worker.demo_server", "stdio"]},
                 "remote": {"url": http.url, "description": "the test server over Streamable HTTP"},
             }
         )
@@ -64,8 +64,8 @@ def docs_stack(make_stack: Callable[..., Any], count_dir: Path) -> Iterator[Stac
 
 @pytest.fixture()
 def api_url(docs_stack: Stack) -> Iterator[str]:
-    from producer.api import create_app
-    from worker.settings import Settings
+    from mcpq.producer.api import create_app
+    from mcpq.worker.contract.settings import Settings
 
     port = free_port()
     settings = Settings.from_env(docs_stack.env)

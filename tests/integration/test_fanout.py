@@ -13,9 +13,9 @@ from typing import Any
 
 import pytest
 
-from producer import fanout
-from producer.fanout import Call, FanOutHandle, Progress
-from producer.queue import ToolQueue
+from mcpq.producer import fanout
+from mcpq.producer.fanout import Call, FanOutHandle, Progress
+from mcpq.producer.queue import ToolQueue
 from tests.support.procs import REPO_ROOT, read_count
 from tests.support.stack import stdio_server
 
@@ -187,7 +187,7 @@ def test_lost_pushes_and_no_push_backends_fall_back_to_sweeps(
 
 def run_batch(stack: Any, *args: str) -> subprocess.CompletedProcess[str]:
     return subprocess.run(
-        [sys.executable, "-m", "producer.cli", "batch", *args],
+        [sys.executable, "-m", "mcpq.producer.cli", "batch", *args],
         env=stack.env,
         cwd=REPO_ROOT,
         capture_output=True,

@@ -2,7 +2,7 @@
 argument secrets out of its API and pages (the producer's kwargsrepr), and its
 API refuses clients without credentials.
 
-Flower runs the way operators start it (``celery -A worker flower``) with the
+Flower runs the way operators start it (``celery -A mcpq.worker flower``) with the
 stack's MCPQ_* environment, in its own process group, killed at the end.
 """
 
@@ -37,7 +37,7 @@ EVENTS_TIMEOUT = 30.0
 
 
 class Flower:
-    """A running ``celery -A worker flower`` and an HTTP client for it."""
+    """A running ``celery -A mcpq.worker flower`` and an HTTP client for it."""
 
     def __init__(self, proc: ServerProcess) -> None:
         self.proc = proc
@@ -73,13 +73,13 @@ def stack(make_stack: Callable[..., Any], count_dir: Path) -> Any:
 
 @contextmanager
 def running_flower(stack: Any, *extra: str) -> Iterator[Flower]:
-    """``celery -A worker flower`` with the stack's MCPQ_* environment; its process group is
+    """``celery -A mcpq.worker flower`` with the stack's MCPQ_* environment; its process group is
     killed on the way out, whatever happened."""
     port = free_port()
     # Celery's own options (-A, --broker) go before the subcommand, Flower's after it;
     # Flower ignores (with a warning) celery options placed after `flower`.
     command = [
-        sys.executable, "-m", "celery", "-A", "worker", "--broker", stack.settings.broker_url,
+        sys.executable, "-m", "celery", "-A", "mcpq.worker", "--broker", stack.settings.broker_url,
         "flower", f"--port={port}", "--address=127.0.0.1", f"--basic-auth={USER}:{PASSWORD}", *extra,
     ]  # fmt: skip
     env = {k: v for k, v in stack.env.items() if not k.startswith("FLOWER_")}

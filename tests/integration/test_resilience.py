@@ -10,7 +10,7 @@ from typing import Any
 
 import pytest
 
-from producer.embedded_redis import EmbeddedRedis
+from mcpq.producer.embedded_redis import EmbeddedRedis
 from tests.support.procs import free_port, read_concurrency, read_count, start_test_server, wait_until
 from tests.support.stack import Stack
 

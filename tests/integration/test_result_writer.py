@@ -11,9 +11,9 @@ import pytest
 import redis
 from celery import Celery
 
+from mcpq.worker import result_writer
+from mcpq.worker.result_writer import ResultWriter
 from tests.support.procs import free_port
-from worker import result_writer
-from worker.result_writer import ResultWriter
 
 pytestmark = [pytest.mark.integration, pytest.mark.timeout(60)]
 

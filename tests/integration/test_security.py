@@ -9,6 +9,7 @@ from typing import Any
 
 import pytest
 
+from mcpq.worker.contract.task_names import CALL_TOOL
 from tests.support.procs import (
     free_port,
     read_count,
@@ -16,7 +17,6 @@ from tests.support.procs import (
     wait_until,
 )
 from tests.support.stack import Stack, stdio_server
-from worker.task_names import CALL_TOOL
 
 pytestmark = [pytest.mark.integration, pytest.mark.timeout(120)]
 

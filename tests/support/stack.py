@@ -16,9 +16,9 @@ from typing import Any
 import redis
 import yaml
 
-from producer.queue import ToolQueue
+from mcpq.producer.queue import ToolQueue
+from mcpq.worker.contract.settings import Settings
 from tests.support.procs import REPO_ROOT, descendants, pid_alive, stdio_command_for_test_server, wait_until
-from worker.settings import Settings
 
 WORKER_READY_TIMEOUT = 60.0
 
@@ -88,7 +88,7 @@ class Stack:
 
 
 class WorkerProcess:
-    """``python -m celery -A worker worker`` as a child process with its own name."""
+    """``python -m celery -A mcpq.worker worker`` as a child process with its own name."""
 
     def __init__(
         self, stack: Stack, *, concurrency: int, pool: str, extra_env: Mapping[str, str], queue: str | None
@@ -114,7 +114,7 @@ class WorkerProcess:
 
     def start(self) -> None:
         argv = [
-            sys.executable, "-m", "celery", "-A", "worker", "worker", "-P", self.pool,
+            sys.executable, "-m", "celery", "-A", "mcpq.worker", "worker", "-P", self.pool,
             "-c", str(self.concurrency), "-Q", self.queues, "-n", self.name,
             "--loglevel", "info", "--without-gossip", "--without-mingle",
         ]  # fmt: skip

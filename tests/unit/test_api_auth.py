@@ -1,4 +1,4 @@
-"""producer.api without a worker: admin auth on every mutating endpoint, the
+"""mcpq.producer.api without a worker: admin auth on every mutating endpoint, the
 error body shape, request validation, and the status table.
 
 Real Redis (the suite's private redis-server) behind a real ToolQueue; calls
@@ -17,12 +17,12 @@ import pytest
 import redis
 from fastapi.testclient import TestClient
 
-from producer.api import STATUS_BY_CODE, create_app, result_response, unreachable_cause
-from producer.queue import ToolQueue
+from mcpq.producer.api import STATUS_BY_CODE, create_app, result_response, unreachable_cause
+from mcpq.producer.queue import ToolQueue
+from mcpq.worker.contract.errors import ErrorCode
+from mcpq.worker.contract.result import ToolResult
+from mcpq.worker.contract.settings import Settings
 from tests.support.procs import free_port
-from worker.errors import ErrorCode
-from worker.result import ToolResult
-from worker.settings import Settings
 
 pytestmark = pytest.mark.timeout(30)
 

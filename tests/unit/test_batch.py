@@ -1,4 +1,4 @@
-"""producer.batch without a broker: line parsing, the results file and resume,
+"""mcpq.producer.batch without a broker: line parsing, the results file and resume,
 progress and summary, exit codes; the fan-out itself is faked."""
 
 from __future__ import annotations
@@ -13,9 +13,9 @@ import click
 import pytest
 from click.testing import CliRunner, Result
 
-from producer import batch as batch_mod
-from producer import fanout
-from producer.batch import (
+from mcpq.producer import batch as batch_mod
+from mcpq.producer import fanout
+from mcpq.producer.batch import (
     BatchOutcome,
     ProgressBar,
     ResultsFileError,
@@ -25,9 +25,9 @@ from producer.batch import (
     result_line,
     run_batch,
 )
-from producer.cli import cli
-from producer.fanout import Call
-from worker.result import ToolResult
+from mcpq.producer.cli import cli
+from mcpq.producer.fanout import Call
+from mcpq.worker.contract.result import ToolResult
 
 pytestmark = pytest.mark.timeout(30)
 
@@ -207,7 +207,7 @@ class FakeFanOut:
     def _answer(self, items: list[tuple[int, Call]]) -> Iterator[tuple[int, ToolResult]]:
         for index, call in reversed(items):
             if call.arguments.get("down"):
-                from worker.errors import MCPConnectionError
+                from mcpq.worker.contract.errors import MCPConnectionError
 
                 raise MCPConnectionError("cannot reach the broker at redis://x")
             self.ran.append(call.arguments)

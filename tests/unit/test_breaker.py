@@ -12,9 +12,10 @@ import fakeredis
 import pytest
 import redis
 
+from mcpq.worker.breaker import Admission, BreakerPolicy, LocalBreaker, ServerGuard
+from mcpq.worker.contract.breaker_state import breaker_status, reset_breaker
+from mcpq.worker.contract.keys import Keys
 from tests.support.procs import free_port, wait_until
-from worker.breaker import Admission, BreakerPolicy, LocalBreaker, ServerGuard, breaker_status, reset_breaker
-from worker.keys import Keys
 
 pytestmark = pytest.mark.timeout(60)
 
@@ -228,7 +229,7 @@ def test_reset_closes_the_breaker(guard: ServerGuard) -> None:
 def test_unreachable_redis_falls_back_to_a_local_breaker(caplog: pytest.LogCaptureFixture) -> None:
     dead = redis.Redis(port=free_port(), socket_connect_timeout=0.2)
     guard = ServerGuard(dead, Keys("x:"))
-    with caplog.at_level(logging.WARNING, logger="worker.breaker"):
+    with caplog.at_level(logging.WARNING, logger="mcpq.worker.breaker"):
         a = admit(guard)
         assert a.admitted and not a.shared
         assert guard.degraded

@@ -1,4 +1,4 @@
-"""worker.classify: every failure shape the SDK produces -> one Outcome."""
+"""mcpq.worker.classify: every failure shape the SDK produces -> one Outcome."""
 
 from __future__ import annotations
 
@@ -20,8 +20,8 @@ from mcp_types import (
 )
 from pydantic import BaseModel, ValidationError
 
-from worker.classify import Outcome, SessionClosedBeforeSend, classify, leaf_exception
-from worker.errors import (
+from mcpq.worker.classify import Outcome, SessionClosedBeforeSend, classify, leaf_exception
+from mcpq.worker.contract.errors import (
     ErrorCode,
     InternalError,
     InvalidArgumentsError,

@@ -1,4 +1,4 @@
-"""producer.cli: argument parsing and the exit codes scripts rely on."""
+"""mcpq.producer.cli: argument parsing and the exit codes scripts rely on."""
 
 from __future__ import annotations
 
@@ -8,7 +8,7 @@ import click
 import pytest
 from click.testing import CliRunner, Result
 
-from producer.cli import EXIT_UNREACHABLE, EXIT_USAGE, cli, parse_arguments
+from mcpq.producer.cli import EXIT_UNREACHABLE, EXIT_USAGE, cli, parse_arguments
 
 pytestmark = pytest.mark.timeout(30)
 
@@ -193,7 +193,7 @@ def test_tools_with_unreachable_redis_exits_3() -> None:
 def test_worker_execs_celery_without_mingle_and_with_two_malloc_arenas(
     tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    import producer.cli as cli_module
+    import mcpq.producer.cli as cli_module
 
     config = tmp_path / "servers.yaml"
     config.write_text("mcp_servers:\n  a:\n    command: python\n")
@@ -203,7 +203,7 @@ def test_worker_execs_celery_without_mingle_and_with_two_malloc_arenas(
 
     assert run("worker", "-c", "4", "--", "--without-gossip", env={"MCPQ_CONFIG": str(config)}).exit_code == 0
     _, argv, env = execs[-1]
-    assert argv[1:6] == ["-m", "celery", "-A", "worker", "worker"]
+    assert argv[1:6] == ["-m", "celery", "-A", "mcpq.worker", "worker"]
     assert argv[argv.index("-c") + 1] == "4"
     assert "--without-mingle" in argv and argv[-1] == "--without-gossip"
     assert env["MALLOC_ARENA_MAX"] == "2"

@@ -30,11 +30,11 @@ import click
 import pytest
 import yaml
 
-from producer.cli import cli
-from worker.budgets import check_time_budgets
-from worker.config import load_config
-from worker.errors import ConfigError
-from worker.settings import Settings
+from mcpq.producer.cli import cli
+from mcpq.worker.budgets import check_time_budgets
+from mcpq.worker.config import load_config
+from mcpq.worker.contract.errors import ConfigError
+from mcpq.worker.contract.settings import Settings
 
 pytestmark = pytest.mark.timeout(30)
 
@@ -231,15 +231,15 @@ def _check_celery(argv: list[str]) -> Problems:
         if opt in ("-A", "--app"):
             app = value
         i += 1
-    if app != "worker":
-        return [f"`{shlex.join(argv)}`: the Celery app is `-A worker` (worker/celery.py), not {app!r}"]
+    if app != "mcpq.worker":
+        return [f"`{shlex.join(argv)}`: the Celery app is `-A mcpq.worker` (worker/celery.py), not {app!r}"]
     sub = argv[i] if i < len(argv) else None
     if sub not in CELERY_SUBCOMMANDS:
         return [f"`{shlex.join(argv)}`: subcommand {sub!r} is not one of {sorted(CELERY_SUBCOMMANDS)}"]
     from celery import Celery
 
-    if not isinstance(getattr(importlib.import_module("worker.celery"), "app", None), Celery):
-        return ["worker/celery.py has no Celery `app` for `celery -A worker`"]
+    if not isinstance(getattr(importlib.import_module("mcpq.worker.celery"), "app", None), Celery):
+        return ["worker/celery.py has no Celery `app` for `celery -A mcpq.worker`"]
     if sub == "flower":
         if importlib.util.find_spec("flower") is None:
             return ["`celery flower` needs the flower package (pip install .[flower])"]
@@ -299,7 +299,7 @@ def check_mcpq_variables(compose: Mapping[str, Any], dockerfile: Dockerfile) -> 
     sources = {name: env_of(s) for name, s in services(compose).items()}
     sources["Dockerfile ENV"] = dockerfile.env()
     return [
-        f"{where}: {key} is not read by worker.settings.Settings.from_env (known: {sorted(ALLOWED_MCPQ)})"
+        f"{where}: {key} is not read by Settings.from_env (known: {sorted(ALLOWED_MCPQ)})"
         for where, env in sources.items()
         for key in env
         if key.startswith("MCPQ_") and key not in ALLOWED_MCPQ
@@ -524,7 +524,7 @@ def check_flower_auth(compose: Mapping[str, Any]) -> Problems:
             if read_only.lower() not in ("true", "1", "yes", "t"):
                 problems.append(f"{name}: Flower without --read-only=True lets its API run tools")
     if not flowers:
-        problems.append("no service runs `celery -A worker flower`")
+        problems.append("no service runs `celery -A mcpq.worker flower`")
     return problems
 
 
@@ -660,16 +660,16 @@ BROKEN_COMPOSE: list[tuple[str, str, Callable[[dict[str, Any]], None]]] = [
     ("commands", "unknown mcpq subcommand", _set_command("worker", "mcpq wrker")),
     ("commands", "unknown mcpq option", _set_command("api", "mcpq api --hostname 0.0.0.0")),
     ("commands", "bad mcpq option value", _set_command("api", "mcpq api --port eighty")),
-    ("commands", "celery without -A worker", _set_command("flower", "celery flower")),
-    ("commands", "celery app misspelt", _set_command("flower", "celery -A workers flower")),
-    ("commands", "unknown celery subcommand", _set_command("flower", "celery -A worker flowers")),
+    ("commands", "celery without -A mcpq.worker", _set_command("flower", "celery flower")),
+    ("commands", "celery app misspelt", _set_command("flower", "celery -A mcpq.workers flower")),
+    ("commands", "unknown celery subcommand", _set_command("flower", "celery -A mcpq.worker flowers")),
     ("commands", "unknown flower option", _flower_plus("--no-such-option=1")),
     ("commands", "flower option without value", _flower_plus("--port")),
     ("commands", "flower option bad value", _flower_plus("--port=abc")),
-    ("commands", "missing module", _set_command("mcp-demo", "python -m worker.no_such_server http")),
-    ("commands", "module without main", _set_command("mcp-demo", "python -m worker.settings")),
-    ("commands", "module arguments", _set_command("mcp-demo", "python -m worker.demo_server htp")),
-    ("commands", "not an entry point", _set_command("api", "uvicorn producer.api:app")),
+    ("commands", "missing module", _set_command("mcp-demo", "python -m mcpq.worker.no_such_server http")),
+    ("commands", "module without main", _set_command("mcp-demo", "python -m mcpq.worker.contract.settings")),
+    ("commands", "module arguments", _set_command("mcp-demo", "python -m mcpq.worker.demo_server htp")),
+    ("commands", "not an entry point", _set_command("api", "uvicorn mcpq.producer.api:app")),
     ("mcpq_variables", "misspelt variable", _set_env("worker", "MCPQ_BROKER", "redis://redis")),
     ("mcpq_variables", "unknown variable", _set_env("api", "MCPQ_API_TOKEN", "x")),
     ("config_files", "config missing", _set_env("worker", "MCPQ_CONFIG", "config/nope.yaml")),
@@ -712,7 +712,7 @@ BROKEN_COMPOSE: list[tuple[str, str, Callable[[dict[str, Any]], None]]] = [
     (
         "secrets_from_env",
         "literal flower password",
-        _set_command("flower", "celery -A worker flower --basic-auth=admin:hunter22"),
+        _set_command("flower", "celery -A mcpq.worker flower --basic-auth=admin:hunter22"),
     ),
     ("flower_auth", "not read-only", _flower_without("--read-only")),
     ("flower_auth", "read-only off", _flower_plus("--read-only=False")),

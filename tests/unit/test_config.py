@@ -1,4 +1,4 @@
-"""worker.config: file shapes, ${VAR} expansion, validation messages, secret hygiene."""
+"""mcpq.worker.config: file shapes, ${VAR} expansion, validation messages, secret hygiene."""
 
 from __future__ import annotations
 
@@ -9,7 +9,7 @@ from typing import Any
 
 import pytest
 
-from worker.config import (
+from mcpq.worker.config import (
     MCPQConfig,
     MCPServerConfig,
     ToolOverride,
@@ -17,7 +17,7 @@ from worker.config import (
     parse_config,
     parse_rate_limit,
 )
-from worker.errors import ConfigError, ErrorCode
+from mcpq.worker.contract.errors import ConfigError, ErrorCode
 
 
 def parse(text: str, env: dict[str, str] | None = None, source: str = "servers.yaml") -> MCPQConfig:
@@ -220,6 +220,7 @@ def test_top_level_settings_defaults_and_values() -> None:
         "key",
         "authorization",
         "credential",
+        "cookie",
     ]
     custom = parse("max_result_bytes: 1024\nsecret_patterns: [cookie]\nmcp_servers: {}\n")
     assert custom.max_result_bytes == 1024

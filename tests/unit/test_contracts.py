@@ -12,8 +12,8 @@ from pathlib import Path
 
 import pytest
 
-from worker.config import MCPServerConfig, parse_config
-from worker.errors import (
+from mcpq.worker.config import MCPServerConfig, parse_config
+from mcpq.worker.contract.errors import (
     ERROR_DESCRIPTIONS,
     AmbiguousToolError,
     ConfigError,
@@ -23,9 +23,10 @@ from worker.errors import (
     ToolExecutionError,
     error_class,
 )
-from worker.redact import scrub, secret_values
-from worker.result import ToolResult
-from worker.settings import Settings, redact_url
+from mcpq.worker.contract.redact import redact_url
+from mcpq.worker.contract.result import ToolResult
+from mcpq.worker.contract.settings import Settings
+from mcpq.worker.redact import scrub, secret_values
 
 pytestmark = pytest.mark.timeout(30)
 
@@ -324,7 +325,7 @@ def test_bad_number_names_the_variable(name: str, raw: str, kind: str) -> None:
     ("raw", "expected"), [("0", False), ("off", False), ("No", False), ("1", True), ("true", True)]
 )
 def test_task_events_switch(raw: str, expected: bool) -> None:
-    from worker.celery import make_app
+    from mcpq.worker.contract.app import make_app
 
     settings = Settings.from_env({"MCPQ_TASK_EVENTS": raw})
     assert settings.task_events is expected
@@ -348,9 +349,9 @@ def test_task_events_default_on_and_bad_boolean_named() -> None:
 
 
 def test_chunk_tasks_and_describe_chunk() -> None:
-    from worker.celery import make_app
-    from worker.redact import describe_chunk
-    from worker.task_names import CALL_CHUNK
+    from mcpq.worker.contract.app import make_app
+    from mcpq.worker.contract.redact import describe_chunk
+    from mcpq.worker.contract.task_names import CALL_CHUNK
 
     assert make_app(Settings(queue="q1")).conf.task_routes[CALL_CHUNK] == {"queue": "q1"}
     labels = ["echo"] * 3 + ["local/add"] * 2 + [f"t{i}" for i in range(6)]
@@ -463,7 +464,7 @@ def test_secret_values_longest_first() -> None:
 
 def test_import_producer_does_not_import_the_mcp_sdk() -> None:
     code = (
-        "import producer, sys; "
+        "import mcpq.producer, sys; "
         "assert 'mcp' not in sys.modules and not any(m.startswith('mcp.') for m in sys.modules), "
         "sorted(m for m in sys.modules if m == 'mcp' or m.startswith('mcp.'))"
     )
@@ -474,7 +475,7 @@ def test_import_producer_does_not_import_the_mcp_sdk() -> None:
 
 
 def test_producer_exports() -> None:
-    import producer
+    import mcpq.producer as producer
 
     assert producer.ToolResult is ToolResult
     assert producer.ErrorCode is ErrorCode

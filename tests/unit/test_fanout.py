@@ -1,4 +1,4 @@
-"""producer.fanout without a broker: call parsing, progress accounting, the
+"""mcpq.producer.fanout without a broker: call parsing, progress accounting, the
 window, result conversion, and the engine driven by a fake publisher/collector."""
 
 from __future__ import annotations
@@ -9,11 +9,11 @@ from typing import Any
 
 import pytest
 
-from producer import fanout
-from producer.fanout import Call, Progress, _Run, task_result_to_tool_result
-from worker.errors import InvalidArgumentsError
-from worker.result import ToolResult
-from worker.settings import Settings
+from mcpq.producer import fanout
+from mcpq.producer.fanout import Call, Progress, _Run, task_result_to_tool_result
+from mcpq.worker.contract.errors import InvalidArgumentsError
+from mcpq.worker.contract.result import ToolResult
+from mcpq.worker.contract.settings import Settings
 
 pytestmark = pytest.mark.timeout(30)
 

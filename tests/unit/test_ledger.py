@@ -9,9 +9,10 @@ import fakeredis
 import pytest
 import redis
 
+from mcpq.worker.contract.keys import Keys
+from mcpq.worker.contract.ledger import Ledger
+from mcpq.worker.ledger import LedgerSweeper
 from tests.support.procs import wait_until
-from worker.keys import Keys
-from worker.ledger import Ledger, LedgerSweeper
 
 pytestmark = pytest.mark.timeout(30)
 

@@ -12,10 +12,10 @@ import yaml
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from producer.cli import parse_arguments
-from worker.config import MCPQConfig, parse_config
-from worker.errors import ConfigError, InvalidArgumentsError, MCPError
-from worker.validation import validate_arguments
+from mcpq.producer.cli import parse_arguments
+from mcpq.worker.config import MCPQConfig, parse_config
+from mcpq.worker.contract.errors import ConfigError, InvalidArgumentsError, MCPError
+from mcpq.worker.validation import validate_arguments
 
 pytestmark = pytest.mark.timeout(120)
 
@@ -123,7 +123,7 @@ def test_cli_argument_parser(values: list[str]) -> None:
 @FAST
 @given(json_values, json_values, json_values, json_values)
 def test_task_message_shape_check(tool: Any, arguments: Any, server: Any, timeout: Any) -> None:
-    from worker.tasks import _check_call_shape
+    from mcpq.worker.tasks import _check_call_shape
 
     problem = _check_call_shape(tool, arguments, server, timeout)
     well_formed = (

@@ -1,4 +1,4 @@
-"""worker.registry: configs plus the fleet-wide tool map, against fakeredis and a real redis-server."""
+"""mcpq.worker.registry: configs plus the fleet-wide tool map, against fakeredis and a real redis-server."""
 
 from __future__ import annotations
 
@@ -14,12 +14,12 @@ import fakeredis
 import pytest
 import redis
 
-import worker.registry as registry_module
-from producer.embedded_redis import free_port
-from worker.config import MCPQConfig, parse_config
-from worker.errors import ErrorCode, ServerDisabledError, ServerNotFoundError
-from worker.keys import Keys
-from worker.registry import MCPServerRegistry, ToolSet
+import mcpq.worker.registry as registry_module
+from mcpq.producer.embedded_redis import free_port
+from mcpq.worker.config import MCPQConfig, parse_config
+from mcpq.worker.contract.errors import ErrorCode, ServerDisabledError, ServerNotFoundError
+from mcpq.worker.contract.keys import Keys
+from mcpq.worker.registry import MCPServerRegistry, ToolSet
 
 pytestmark = pytest.mark.timeout(30)
 
@@ -370,7 +370,7 @@ def closed_port_client() -> redis.Redis:
 
 
 def test_unreachable_redis_never_raises_and_logs_once(caplog: pytest.LogCaptureFixture) -> None:
-    caplog.set_level(logging.WARNING, logger="worker.registry")
+    caplog.set_level(logging.WARNING, logger="mcpq.worker.registry")
     down = closed_port_client()
     registry = MCPServerRegistry(make_config(), down, Keys("test-registry-down:"))
     registry.publish_servers()
@@ -387,7 +387,9 @@ def test_unreachable_redis_never_raises_and_logs_once(caplog: pytest.LogCaptureF
     assert sorted(ts.tools) == ["add", "mul"]
     assert ts.info == {"protocol_version": "2025-06-18"}
     assert registry.undiscovered() == []
-    warnings = [r for r in caplog.records if r.name == "worker.registry" and r.levelno == logging.WARNING]
+    warnings = [
+        r for r in caplog.records if r.name == "mcpq.worker.registry" and r.levelno == logging.WARNING
+    ]
     assert len(warnings) == 1, [r.getMessage() for r in warnings]
     assert "state Redis unavailable" in warnings[0].getMessage()
     assert "using this process's own view" in warnings[0].getMessage()
@@ -395,7 +397,7 @@ def test_unreachable_redis_never_raises_and_logs_once(caplog: pytest.LogCaptureF
 
 
 def test_recovery_is_logged_and_the_next_outage_is_logged_again(caplog: pytest.LogCaptureFixture) -> None:
-    caplog.set_level(logging.WARNING, logger="worker.registry")
+    caplog.set_level(logging.WARNING, logger="mcpq.worker.registry")
     server = fakeredis.FakeServer()
     client = fakeredis.FakeRedis(server=server)
     keys = Keys("test-registry-flap:")
@@ -408,7 +410,7 @@ def test_recovery_is_logged_and_the_next_outage_is_logged_again(caplog: pytest.L
     assert json.loads(client.hget(keys.tool_map, "mul")) == ["a"]
     server.connected = False
     assert registry.servers_offering("mul", refresh=True) == ["a"]
-    messages = [r.getMessage() for r in caplog.records if r.name == "worker.registry"]
+    messages = [r.getMessage() for r in caplog.records if r.name == "mcpq.worker.registry"]
     assert [m.split(" (")[0] for m in messages] == [
         "state Redis unavailable",
         "state Redis reachable again",

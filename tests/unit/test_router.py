@@ -1,4 +1,4 @@
-"""worker.router: resolving a tool name to one server, and call() failing cleanly before sending.
+"""mcpq.worker.router: resolving a tool name to one server, and call() failing cleanly before sending.
 
 The registry and the breaker are real (over fakeredis with Lua). Discovery is
 a small stand-in that records what it was asked; the real one is exercised by
@@ -17,10 +17,10 @@ from typing import Any
 import fakeredis
 import pytest
 
-from worker.breaker import BreakerPolicy, ServerGuard
-from worker.claims import ClaimKeeper
-from worker.config import MCPQConfig, parse_config
-from worker.errors import (
+from mcpq.worker.breaker import BreakerPolicy, ServerGuard
+from mcpq.worker.claims import ClaimKeeper
+from mcpq.worker.config import MCPQConfig, parse_config
+from mcpq.worker.contract.errors import (
     AmbiguousToolError,
     ErrorCode,
     LimitExceededError,
@@ -30,10 +30,10 @@ from worker.errors import (
     ServerNotFoundError,
     ToolNotFoundError,
 )
-from worker.keys import Keys
-from worker.registry import MCPServerRegistry, ToolSet
-from worker.result import ToolResult
-from worker.router import Target, ToolRouter, split_qualified
+from mcpq.worker.contract.keys import Keys
+from mcpq.worker.contract.result import ToolResult
+from mcpq.worker.registry import MCPServerRegistry, ToolSet
+from mcpq.worker.router import Target, ToolRouter, split_qualified
 
 pytestmark = pytest.mark.timeout(30)
 
@@ -429,7 +429,7 @@ def test_call_with_open_circuit_is_not_sent(world: World) -> None:
 
 def test_call_never_raises_even_when_sending_fails(world: World, caplog: pytest.LogCaptureFixture) -> None:
     # Resolved and valid, so the router reaches for the pool, which is None here.
-    caplog.set_level(logging.CRITICAL, logger="worker.router")
+    caplog.set_level(logging.CRITICAL, logger="mcpq.worker.router")
     result = call(world, "get_sum", {"a": 1, "b": 2})
     assert result.error_code == "internal_error"
     assert result.server_name == "a"

@@ -6,7 +6,7 @@ import pytest
 import redis
 from kombu.exceptions import OperationalError
 
-from producer.unreachable import exception_chain, is_unreachable
+from mcpq.worker.contract.unreachable import exception_chain, is_unreachable
 
 pytestmark = pytest.mark.timeout(10)
 

@@ -1,4 +1,4 @@
-"""worker.validation: arguments are checked against the tool's inputSchema before sending."""
+"""mcpq.worker.validation: arguments are checked against the tool's inputSchema before sending."""
 
 from __future__ import annotations
 
@@ -7,8 +7,8 @@ from typing import Any
 import pytest
 from jsonschema import validators
 
-from worker.errors import ErrorCode, InvalidArgumentsError
-from worker.validation import _validator_for, validate_arguments
+from mcpq.worker.contract.errors import ErrorCode, InvalidArgumentsError
+from mcpq.worker.validation import _validator_for, validate_arguments
 
 pytestmark = pytest.mark.timeout(30)
 

@@ -11,6 +11,9 @@ from collections.abc import Mapping
 from dataclasses import dataclass, field, fields
 from typing import Any
 
+from mcpq.worker.contract.errors import ConfigError
+from mcpq.worker.contract.redact import DEFAULT_SECRET_PATTERNS, redact_url
+
 DEFAULT_REDIS = "redis://127.0.0.1:6379"
 
 
@@ -45,7 +48,7 @@ class Settings:
     task_events: bool = True
     #: Argument names containing any of these (comma-separated, case-insensitive)
     #: have their values masked wherever a call is described (Flower, logs).
-    secret_patterns: str = "token,password,passwd,secret,key,authorization,credential,cookie"
+    secret_patterns: str = ",".join(DEFAULT_SECRET_PATTERNS)
 
     @property
     def ledger_grace(self) -> float:
@@ -99,8 +102,6 @@ def _coerce(name: str, raw: str, kind: type) -> Any:
     if kind is bool:
         if raw.strip().lower() in _TRUE | _FALSE:
             return raw.strip().lower() in _TRUE
-        from worker.errors import ConfigError
-
         raise ConfigError(
             f"MCPQ_{name.upper()}={raw!r} is not a boolean (use 1/0, true/false, yes/no, on/off)"
         )
@@ -110,20 +111,5 @@ def _coerce(name: str, raw: str, kind: type) -> Any:
         if kind is float:
             return float(raw)
     except ValueError:
-        from worker.errors import ConfigError
-
         raise ConfigError(f"MCPQ_{name.upper()}={raw!r} is not a valid {kind.__name__}") from None
     return raw
-
-
-def redact_url(url: str) -> str:
-    """``redis://:secret@host`` -> ``redis://:***@host``."""
-    scheme, sep, rest = url.partition("://")
-    if not sep or "@" not in rest.split("/", 1)[0]:
-        return url
-    authority, slash, path = rest.partition("/")
-    # The last '@' ends the userinfo: a password may itself contain '@'.
-    userinfo, _, host = authority.rpartition("@")
-    hostpart = host + slash + path
-    user = userinfo.split(":", 1)[0]
-    return f"{scheme}://{user}:***@{hostpart}"

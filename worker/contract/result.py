@@ -5,7 +5,7 @@ from __future__ import annotations
 from dataclasses import asdict, dataclass, field
 from typing import Any
 
-from worker.errors import ErrorCode, MCPError, error_class
+from mcpq.worker.contract.errors import ErrorCode, MCPError, error_class
 
 
 @dataclass(slots=True)
