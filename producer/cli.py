@@ -11,7 +11,7 @@ import json
 import os
 import sys
 import time
-from collections.abc import Mapping, Sequence
+from collections.abc import Sequence
 from typing import Any, NoReturn
 
 import click
@@ -147,6 +147,9 @@ def tools(server: str | None, as_json: bool, refresh: bool) -> None:
 @click.option("--timeout", "-t", type=float, help="Call deadline in seconds (default: the server's timeout).")
 @click.option("--wait", type=float, help="How long to wait for the result (default: deadline + 10 s).")
 @click.option("--no-wait", is_flag=True, help="Enqueue and print the task id only.")
+@click.option(
+    "--json", "as_json", is_flag=True, help="Print JSON (the default for call; accepted for scripts)."
+)
 def call(
     tool: str,
     arguments: tuple[str, ...],
@@ -154,6 +157,7 @@ def call(
     timeout: float | None,
     wait: float | None,
     no_wait: bool,
+    as_json: bool,
 ) -> None:
     """Call TOOL with ARGUMENTS ('{"a": 1}' or a=1 b=2); print the result as JSON.
 
@@ -300,7 +304,7 @@ def breakers_reset(server: str) -> None:
     click.echo(f"{server}: breaker {'reset to closed' if cleared else 'was already closed'}")
 
 
-@cli.command()
+@cli.command(context_settings={"ignore_unknown_options": True, "allow_extra_args": True})
 @click.option(
     "--concurrency", "-c", type=int, help="Threads per worker process (default MCPQ_WORKER_CONCURRENCY)."
 )
@@ -319,14 +323,13 @@ def worker(
 ) -> None:
     """Start a worker (celery -A mcpq.worker worker) after checking the config.
 
-    Options after ``--`` go to Celery as they are."""
-    from mcpq.worker.budgets import check_time_budgets
-    from mcpq.worker.config import load_config
+    Any other Celery worker option passes through as it is (``-n w1@%h``,
+    ``-Q q``, ``--autoscale``; everything after ``--`` too)."""
+    from mcpq.worker.start import celery_worker_argv, preflight, worker_environment
 
     settings = Settings.from_env()
     try:
-        config = load_config(settings.config_path)
-        check_time_budgets(settings, config)
+        config = preflight(settings)
     except ConfigError as exc:
         _fail(exc.message, EXIT_USAGE)
     click.echo(
@@ -334,21 +337,15 @@ def worker(
         f"broker {settings.redacted()['broker_url']}",
         err=True,
     )
-    argv = [
-        sys.executable, "-m", "celery", "-A", "mcpq.worker", "worker",
-        "-P", pool, "-c", str(concurrency or settings.worker_concurrency),
-        "-Q", settings.queue, "--loglevel", loglevel,
-        *([] if mingle else ["--without-mingle"]), *celery_args,
-    ]  # fmt: skip
+    argv = celery_worker_argv(
+        settings,
+        pool=pool,
+        concurrency=concurrency,
+        loglevel=loglevel,
+        mingle=mingle,
+        passthrough=celery_args,
+    )
     os.execvpe(argv[0], argv, worker_environment(os.environ))
-
-
-def worker_environment(env: Mapping[str, str]) -> dict[str, str]:
-    """The worker's environment: glibc's malloc gives every busy thread an arena of
-    its own (up to 8 per core) and keeps each one's high-water mark; with ~60
-    threads a worker's RSS grew 9-12 % over 20,000 calls, 4 % with two arenas
-    and no measurable cost in throughput (docs/benchmarks.md). Set by the user: kept."""
-    return {"MALLOC_ARENA_MAX": "2", **env}
 
 
 @cli.command()

@@ -1,53 +1,39 @@
-"""The MCP server config file: YAML (or a JSON ``mcpServers`` file) -> Pydantic models.
+"""The MCP server config as Pydantic models: what one server and the whole file may say.
 
-Three shapes are read by one loader, because JSON is valid YAML:
-
-* mcpq's own: ``mcp_servers: {name: {...}}`` with optional ``defaults``,
-  ``max_result_bytes`` and ``secret_patterns``;
-* Claude Desktop / Cursor: ``{"mcpServers": {name: {"command": ...} | {"url": ...}}}``;
-* VS Code: ``{"servers": {name: {"type": "stdio" | "http" | "sse", ...}}}``.
-
-Every problem surfaces as :class:`~mcpq.worker.contract.errors.ConfigError` naming the file,
-the line, the server and the field, because the person reading it is editing
-a file, not debugging a traceback. Nothing here imports the MCP SDK, so the
-producer and the CLI can read the file cheaply.
+Reading the file (YAML or JSON ``mcpServers``, ``${VAR}`` expansion, errors
+with file, line and field) is ``mcpq.worker.config_loader``; the YAML document
+with its line locator is ``mcpq.worker.config_yaml``. Nothing here imports
+YAML or the MCP SDK.
 """
 
 from __future__ import annotations
 
-import difflib
-import json
-import os
 import re
-from collections.abc import Iterator, Mapping
-from dataclasses import dataclass
+from collections.abc import Iterator
 from datetime import date, datetime
-from pathlib import Path
 from typing import Any, Literal, Self
 from urllib.parse import urlsplit
 
-import yaml
 from pydantic import (
     BaseModel,
     ConfigDict,
     Field,
     SecretStr,
-    ValidationError,
     field_serializer,
     field_validator,
     model_validator,
 )
 
-from mcpq.worker.contract.errors import ConfigError
 from mcpq.worker.contract.redact import DEFAULT_SECRET_PATTERNS, redact_args, redact_url
 
 __all__ = [
     "DEFAULT_SECRET_PATTERNS",
+    "FieldError",
     "MCPQConfig",
     "MCPServerConfig",
     "ToolOverride",
-    "load_config",
-    "parse_config",
+    "Transport",
+    "parse_rate_limit",
 ]
 
 Transport = Literal["stdio", "http", "sse"]
@@ -55,31 +41,9 @@ Transport = Literal["stdio", "http", "sse"]
 
 _NAME_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.-]*$")
 _PROTOCOL_DATE_RE = re.compile(r"^\d{4}-\d{2}-\d{2}$")
-_VAR_NAME_RE = re.compile(r"^[A-Za-z_][A-Za-z0-9_]*$")
-# `$$`, `${...}`, or a `${` that is never closed (reported, not passed through).
-_REF_RE = re.compile(r"\$(?:(?P<dollar>\$)|\{(?P<body>[^}]*)\}|(?P<open>\{))")
-
-# The keys that hold the server mapping, in each supported file shape.
-_SERVER_KEYS = ("mcp_servers", "mcpServers", "servers")
-_TOP_LEVEL_KEYS = ("mcp_servers", "defaults", "max_result_bytes", "secret_patterns")
-# `type` values seen in mcpServers / VS Code files.
-_TYPE_TO_TRANSPORT: dict[str, Transport] = {
-    "stdio": "stdio",
-    "sse": "sse",
-    "http": "http",
-    "streamable-http": "http",
-    "streamableHttp": "http",
-    "streamable_http": "http",
-}
-
-_MAP_TAG = "tag:yaml.org,2002:map"
-_SEQ_TAG = "tag:yaml.org,2002:seq"
-_MERGE_TAG = "tag:yaml.org,2002:merge"
-
-_Loc = tuple[str | int, ...]
 
 
-class _FieldError(ValueError):
+class FieldError(ValueError):
     """A cross-field check that knows which field to blame.
 
     Pydantic reports model-level validator errors at ``loc=()``; carrying the
@@ -163,13 +127,13 @@ class MCPServerConfig(BaseModel):
         has_command = data.get("command") is not None
         has_url = data.get("url") is not None
         if has_command and has_url:
-            raise _FieldError(
+            raise FieldError(
                 "url",
                 "has both 'command' and 'url'; keep 'command' for a local stdio server "
                 "or 'url' for a remote one (or set transport explicitly)",
             )
         if not has_command and not has_url:
-            raise _FieldError(
+            raise FieldError(
                 "command",
                 "needs 'command' (a local stdio server to start) or 'url' (a remote http/sse server)",
             )
@@ -253,22 +217,22 @@ class MCPServerConfig(BaseModel):
     def _check_transport_fields(self) -> Self:
         if self.transport == "stdio":
             if not self.command:
-                raise _FieldError("command", "transport 'stdio' needs 'command' (the program to start)")
+                raise FieldError("command", "transport 'stdio' needs 'command' (the program to start)")
             if self.url is not None:
-                raise _FieldError(
+                raise FieldError(
                     "url", "transport 'stdio' starts a local command and takes no 'url'; remove one of them"
                 )
         else:
             if not self.url:
-                raise _FieldError("url", f"transport '{self.transport}' needs 'url' (http:// or https://)")
+                raise FieldError("url", f"transport '{self.transport}' needs 'url' (http:// or https://)")
             if self.command is not None:
-                raise _FieldError(
+                raise FieldError(
                     "command",
                     f"transport '{self.transport}' connects to 'url' and takes no 'command'; "
                     "remove one of them",
                 )
         if self.retry_max_delay < self.retry_delay:
-            raise _FieldError(
+            raise FieldError(
                 "retry_max_delay",
                 f"retry_max_delay ({self.retry_max_delay:g}) must be >= retry_delay ({self.retry_delay:g})",
             )
@@ -350,546 +314,6 @@ class MCPQConfig(BaseModel):
     def enabled_servers(self) -> dict[str, MCPServerConfig]:
         """The servers with ``enabled: true``, in file order."""
         return {name: s for name, s in self.mcp_servers.items() if s.enabled}
-
-
-# --------------------------------------------------------------------------- loading
-
-
-def load_config(path: str | os.PathLike[str], env: Mapping[str, str] | None = None) -> MCPQConfig:
-    """Read and validate a config file (``.yaml``, ``.yml`` or ``.json``)."""
-    source = os.fspath(path)
-    hint = "set MCPQ_CONFIG to the path of your servers file"
-    try:
-        # utf-8-sig: editors on Windows save JSON with a BOM.
-        text = Path(source).read_text(encoding="utf-8-sig")
-    except FileNotFoundError:
-        raise _file_error(source, None, f"config file not found; {hint}") from None
-    except IsADirectoryError:
-        raise _file_error(source, None, f"is a directory, not a config file; {hint}") from None
-    except UnicodeDecodeError as exc:
-        raise _file_error(
-            source, None, f"config file is not UTF-8 text (bad byte at offset {exc.start})"
-        ) from None
-    except OSError as exc:
-        raise _file_error(source, None, f"cannot read config file: {exc.strerror or exc}") from None
-    return parse_config(text, source=source, env=env)
-
-
-def parse_config(text: str, source: str = "<string>", env: Mapping[str, str] | None = None) -> MCPQConfig:
-    """Validate config text; ``source`` is only used in error messages."""
-    doc = _Document.parse(text, source)
-    return _Builder(doc, os.environ if env is None else env).build()
-
-
-@dataclass(frozen=True, slots=True)
-class _Problem:
-    file: str
-    line: int | None
-    text: str
-    server: str | None = None
-    field: str | None = None
-    # The text already says which server and field (the env-var message wants them mid-sentence).
-    inline: bool = False
-
-    def render(self) -> str:
-        prefix = self.file if self.line is None else f"{self.file}:{self.line}"
-        if self.inline:
-            return f"{prefix}: {self.text}"
-        where = []
-        if self.server is not None:
-            where.append(f"server '{self.server}'")
-        if self.field:
-            where.append(f"field '{self.field}'")
-        if where:
-            return f"{prefix}: {', '.join(where)}: {self.text}"
-        return f"{prefix}: {self.text}"
-
-    def details(self) -> dict[str, Any]:
-        return {"file": self.file, "line": self.line, "field": self.field, "server": self.server}
-
-
-def _to_error(problems: list[_Problem]) -> ConfigError:
-    # File order reads best; pydantic reports in field-declaration order.
-    problems = sorted(problems, key=lambda p: p.line if p.line is not None else 0)
-    details = problems[0].details()
-    if len(problems) > 1:
-        details["problems"] = [p.details() | {"message": p.render()} for p in problems]
-    return ConfigError("\n".join(p.render() for p in problems), details=details)
-
-
-def _file_error(source: str, line: int | None, text: str) -> ConfigError:
-    return _to_error([_Problem(source, line, text)])
-
-
-class _Document:
-    """Plain data from the YAML plus the node behind every path, for line numbers."""
-
-    def __init__(self, source: str, data: Any, nodes: dict[_Loc, tuple[yaml.Node | None, yaml.Node]]) -> None:
-        self.source = source
-        self.data = data
-        self.nodes = nodes
-
-    @classmethod
-    def parse(cls, text: str, source: str) -> _Document:
-        try:
-            return cls._compose(text, source)
-        except yaml.YAMLError as first:
-            # Tab-indented JSON is valid JSON but not YAML; outside strings a
-            # tab is only whitespace, so spaces keep the meaning and the lines.
-            if "\t" in text and (source.endswith(".json") or text.lstrip().startswith("{")):
-                try:
-                    return cls._compose(text.replace("\t", " "), source)
-                except yaml.YAMLError:
-                    pass
-            raise cls._yaml_error(first, text, source) from None
-
-    @classmethod
-    def _compose(cls, text: str, source: str) -> _Document:
-        loader = yaml.SafeLoader(text)
-        try:
-            root = loader.get_single_node()
-            nodes: dict[_Loc, tuple[yaml.Node | None, yaml.Node]] = {}
-            data = None if root is None else _Walker(loader, source, nodes).walk(root, (), None)
-            return cls(source, data, nodes)
-        finally:
-            loader.dispose()
-
-    @staticmethod
-    def _yaml_error(exc: yaml.YAMLError, text: str, source: str) -> ConfigError:
-        line: int | None = None
-        problem = str(exc)
-        if isinstance(exc, yaml.MarkedYAMLError):
-            mark = exc.problem_mark or exc.context_mark
-            if mark is not None:
-                line = mark.line + 1
-            problem = exc.problem or exc.context or problem
-            if mark is not None:
-                problem = f"{problem} (column {mark.column + 1})"
-        language = "YAML"
-        if source.endswith(".json"):
-            # JSON's own parser names the problem in JSON terms (a missing brace, say).
-            try:
-                json.loads(text)
-            except json.JSONDecodeError as jexc:
-                language, line, problem = "JSON", jexc.lineno, f"{jexc.msg} (column {jexc.colno})"
-            except ValueError:
-                pass
-        return _file_error(source, line, f"invalid {language}: {problem}")
-
-    def line(self, path: _Loc) -> int | None:
-        """The line of ``path``, or of its nearest ancestor present in the file."""
-        for n in range(len(path), -1, -1):
-            entry = self.nodes.get(path[:n])
-            if entry is None:
-                continue
-            key_node, node = entry
-            # For a block mapping or list the key's line reads better than the first child's.
-            mark = (
-                node.start_mark
-                if key_node is None or isinstance(node, yaml.ScalarNode)
-                else key_node.start_mark
-            )
-            return int(mark.line) + 1
-        return None
-
-
-class _Walker:
-    def __init__(
-        self, loader: yaml.SafeLoader, source: str, nodes: dict[_Loc, tuple[yaml.Node | None, yaml.Node]]
-    ) -> None:
-        self.loader = loader
-        self.source = source
-        self.nodes = nodes
-        self.checked: set[int] = set()
-
-    def fail(self, node: yaml.Node, text: str) -> ConfigError:
-        return _file_error(self.source, node.start_mark.line + 1, text)
-
-    def walk(
-        self, node: yaml.Node, path: _Loc, key_node: yaml.Node | None, seen: frozenset[int] = frozenset()
-    ) -> Any:
-        self.nodes[path] = (key_node, node)
-        if isinstance(node, yaml.ScalarNode):
-            value = self.loader.construct_object(node, deep=True)
-            if isinstance(value, str) and any("\ud800" <= c <= "\udfff" for c in value):
-                # JSON spells non-BMP characters as \\ud83d\\ude00 pairs; YAML leaves them split.
-                value = value.encode("utf-16", "surrogatepass").decode("utf-16", "replace")
-            return value
-        if node.tag not in (_MAP_TAG, _SEQ_TAG):
-            raise self.fail(node, f"invalid YAML: unsupported tag '{node.tag}' on a mapping or list")
-        if id(node) in seen:
-            raise self.fail(node, "invalid YAML: an alias refers to a node that contains it")
-        seen = seen | {id(node)}
-        if isinstance(node, yaml.SequenceNode):
-            return [self.walk(child, (*path, i), None, seen) for i, child in enumerate(node.value)]
-        if isinstance(node, yaml.MappingNode):
-            return self.walk_mapping(node, path, seen)
-        raise self.fail(node, f"invalid YAML: unexpected node {type(node).__name__}")
-
-    def walk_mapping(self, node: yaml.MappingNode, path: _Loc, seen: frozenset[int]) -> dict[str, Any]:
-        if id(node) not in self.checked:
-            # Merged (`<<`) keys may be overridden; only keys written twice are mistakes.
-            first_line: dict[str, int] = {}
-            for key_node, _ in node.value:
-                if key_node.tag == _MERGE_TAG or not isinstance(key_node, yaml.ScalarNode):
-                    continue
-                if key_node.value in first_line:
-                    raise self.fail(
-                        key_node,
-                        f"duplicate key '{key_node.value}' (first on line {first_line[key_node.value]})",
-                    )
-                first_line[key_node.value] = key_node.start_mark.line + 1
-            self.loader.flatten_mapping(node)
-            self.checked.add(id(node))
-        out: dict[str, Any] = {}
-        for key_node, value_node in node.value:
-            if not isinstance(key_node, yaml.ScalarNode):
-                raise self.fail(key_node, "keys must be plain strings, not lists or mappings")
-            # The key's text, so `8080:` or `yes:` stay what was written.
-            key = str(key_node.value)
-            out[key] = self.walk(value_node, (*path, key), key_node, seen)
-        return out
-
-
-class _Builder:
-    """Turns the document's plain data into MCPQConfig, collecting every problem."""
-
-    def __init__(self, doc: _Document, env: Mapping[str, str]) -> None:
-        self.doc = doc
-        self.env = env
-        self.problems: list[_Problem] = []
-
-    def problem(
-        self,
-        path: _Loc,
-        text: str,
-        *,
-        server: str | None = None,
-        field: str | None = None,
-        inline: bool = False,
-    ) -> _Problem:
-        p = _Problem(self.doc.source, self.doc.line(path), text, server, field, inline)
-        # A bad value in `defaults` fails the same way in every server that inherits it.
-        if p not in self.problems:
-            self.problems.append(p)
-        return p
-
-    def fatal(self, path: _Loc, text: str) -> ConfigError:
-        """Record a problem the build cannot continue past; the caller raises the result."""
-        self.problem(path, text)
-        return _to_error(self.problems)
-
-    def build(self) -> MCPQConfig:
-        data = self.doc.data
-        if data is None:
-            return MCPQConfig()
-        if not isinstance(data, dict):
-            raise self.fatal(
-                (),
-                "the top level must be a mapping with 'mcp_servers' (or 'mcpServers' / 'servers'), "
-                f"not {_kind(data)}",
-            )
-        present = [k for k in _SERVER_KEYS if k in data]
-        if len(present) > 1:
-            raise self.fatal(
-                (present[1],), f"use one of {', '.join(repr(k) for k in present)} at the top level, not both"
-            )
-        servers_key = present[0] if present else "mcp_servers"
-        if servers_key == "mcp_servers":
-            for key in data:
-                if key not in _TOP_LEVEL_KEYS:
-                    self.problem((key,), _unknown_field(key, (*_TOP_LEVEL_KEYS, "mcpServers", "servers")))
-        # Other keys in a Claude Desktop / VS Code file (globalShortcut, inputs...) belong to that app.
-
-        servers_raw = data.get(servers_key)
-        if servers_raw is None:
-            servers_raw = {}
-        elif not isinstance(servers_raw, dict):
-            raise self.fatal(
-                (servers_key,),
-                f"'{servers_key}' must be a mapping of server name to settings, not {_kind(servers_raw)}",
-            )
-
-        defaults, defaults_origin = self.defaults(data.get("defaults"))
-        servers: dict[str, MCPServerConfig] = {}
-        for name, entry in servers_raw.items():
-            server = self.server(servers_key, name, entry, defaults, defaults_origin)
-            if server is not None:
-                servers[name] = server
-
-        top: dict[str, Any] = {}
-        for key in ("max_result_bytes", "secret_patterns"):
-            if key in data:
-                top[key] = self.expand(data[key], (key,))
-        try:
-            config = MCPQConfig.model_validate({"mcp_servers": servers, **top})
-        except ValidationError as exc:
-            for err in exc.errors():
-                loc = tuple(err["loc"])
-                self.problem(loc, _error_text(err), field=_fmt_path(loc))
-            raise _to_error(self.problems) from None
-        if self.problems:
-            raise _to_error(self.problems)
-        return config
-
-    def defaults(self, raw: Any) -> tuple[dict[str, Any], dict[_Loc, _Loc]]:
-        if raw is None:
-            return {}, {}
-        if not isinstance(raw, dict):
-            raise self.fatal(
-                ("defaults",), f"'defaults' must be a mapping of server settings, not {_kind(raw)}"
-            )
-        fields, origin = self.translate(raw, ("defaults",), None)
-        known = set(MCPServerConfig.model_fields) - {"name"}
-        for key in list(fields):
-            if key == "name":
-                self.problem(origin.get((key,), ("defaults", key)), "'defaults' cannot set a server's name")
-                del fields[key]
-            elif key not in known:
-                self.problem(
-                    origin.get((key,), ("defaults", key)),
-                    _unknown_field(key, (*known, "type", "disabled")),
-                    field="defaults",
-                )
-                del fields[key]
-        return fields, origin
-
-    def translate(
-        self, raw: dict[str, Any], base: _Loc, server: str | None
-    ) -> tuple[dict[str, Any], dict[_Loc, _Loc]]:
-        """Expand ${VARS} and map the mcpServers/VS Code spellings onto field names.
-
-        ``origin`` maps a field's loc to where it was written, for error lines.
-        """
-        fields: dict[str, Any] = {}
-        origin: dict[_Loc, _Loc] = {}
-        for key, value in raw.items():
-            path = (*base, key)
-            value = self.expand(value, path)
-            if key == "type":
-                if "transport" in raw:
-                    self.problem(path, "set 'transport' or 'type', not both", server=server, field="type")
-                    continue
-                transport = _TYPE_TO_TRANSPORT.get(value) if isinstance(value, str) else None
-                if transport is None:
-                    allowed = ", ".join(repr(t) for t in _TYPE_TO_TRANSPORT)
-                    self.problem(
-                        path, f"unknown type {value!r}; use one of {allowed}", server=server, field="type"
-                    )
-                    continue
-                fields["transport"], origin[("transport",)] = transport, path
-            elif key == "disabled":
-                if "enabled" in raw:
-                    self.problem(
-                        path, "set 'enabled' or 'disabled', not both", server=server, field="disabled"
-                    )
-                    continue
-                if not isinstance(value, bool):
-                    self.problem(path, "must be true or false", server=server, field="disabled")
-                    continue
-                fields["enabled"], origin[("enabled",)] = not value, path
-            else:
-                fields[key] = value
-                origin[(key,)] = path
-        return fields, origin
-
-    def server(
-        self,
-        servers_key: str,
-        name: str,
-        entry: Any,
-        defaults: dict[str, Any],
-        defaults_origin: dict[_Loc, _Loc],
-    ) -> MCPServerConfig | None:
-        base: _Loc = (servers_key, name)
-        if not isinstance(entry, dict):
-            self.problem(
-                base,
-                f"expected a mapping of settings (command/url, ...), not {_kind(entry)}",
-                server=name,
-            )
-            return None
-        before = len(self.problems)
-        fields, origin = self.translate(entry, base, name)
-        if len(self.problems) > before:
-            # An unset ${VAR} left an empty string behind; validating it would only add noise.
-            return None
-        if "name" in fields:
-            if fields["name"] != name:
-                self.problem(
-                    origin[("name",)],
-                    f"the name comes from the key ('{name}'); remove 'name' or rename the key",
-                    server=name,
-                    field="name",
-                )
-                return None
-            del fields["name"]
-        for key, value in defaults.items():
-            mine = fields.get(key)
-            if key not in fields:
-                fields[key] = value
-                origin.update({loc: where for loc, where in defaults_origin.items() if loc[0] == key})
-            elif isinstance(mine, dict) and isinstance(value, dict):
-                # Mappings merge key by key so a server can add one header to the defaults' set.
-                fields[key] = {**value, **mine}
-                for sub in value:
-                    if sub not in mine:
-                        origin[(key, sub)] = (*defaults_origin[(key,)], sub)
-        fields["name"] = name
-        origin[("name",)] = base
-        origin[()] = base
-        try:
-            return MCPServerConfig.model_validate(fields)
-        except ValidationError as exc:
-            for err in exc.errors():
-                self.pydantic_problem(err, name, base, origin)
-            return None
-
-    def pydantic_problem(self, err: Any, name: str, base: _Loc, origin: dict[_Loc, _Loc]) -> None:
-        loc: _Loc = tuple(err["loc"])
-        cause = (err.get("ctx") or {}).get("error")
-        if not loc and isinstance(cause, _FieldError):
-            loc = (cause.field,)
-        for n in range(len(loc), -1, -1):
-            if loc[:n] in origin:
-                path = (*origin[loc[:n]], *loc[n:])
-                break
-        else:  # pragma: no cover - origin[()] always matches
-            path = (*base, *loc)
-        where = path[len(base) :] if path[: len(base)] == base else path
-        if err["type"] == "extra_forbidden":
-            known: tuple[str, ...]
-            if len(loc) >= 3 and loc[0] == "tools":
-                known = tuple(ToolOverride.model_fields)
-            else:
-                known = (*(set(MCPServerConfig.model_fields) - {"name"}), "type", "disabled")
-            parent = where[:-1]
-            self.problem(
-                path, _unknown_field(str(loc[-1]), known), server=name, field=_fmt_path(parent) or None
-            )
-            return
-        field = _fmt_path(where) or _fmt_path(loc) or None
-        if path[0] == "defaults" and err["loc"]:
-            # A field-level error in `defaults` is not this server's fault; report it once.
-            self.problem(path, _error_text(err), field=field)
-            return
-        self.problem(path, _error_text(err), server=name, field=field)
-
-    def expand(self, value: Any, path: _Loc) -> Any:
-        if isinstance(value, str):
-            return self.expand_str(value, path)
-        if isinstance(value, list):
-            return [self.expand(v, (*path, i)) for i, v in enumerate(value)]
-        if isinstance(value, dict):
-            return {k: self.expand(v, (*path, k)) for k, v in value.items()}
-        return value
-
-    def expand_str(self, text: str, path: _Loc) -> str:
-        if "$" not in text:
-            return text
-
-        def substitute(match: re.Match[str]) -> str:
-            if match.group("dollar"):
-                return "$"
-            if match.group("open"):
-                self.var_problem(path, "has an unterminated '${'; write '$$' for a literal '$'")
-                return ""
-            body = match.group("body")
-            name, sep, default = body.partition(":-")
-            # VS Code writes ${env:NAME}.
-            name = name.removeprefix("env:")
-            if not _VAR_NAME_RE.match(name):
-                self.var_problem(
-                    path,
-                    f"has an invalid variable reference '${{{body}}}': use ${{NAME}} or ${{NAME:-default}}, "
-                    "and '$$' for a literal '$'",
-                )
-                return ""
-            value = self.env.get(name)
-            if value:
-                return value
-            if sep:
-                return default
-            state = "is not set" if value is None else "is set but empty"
-            server, field = _where(path)
-            context = f"server '{server}', field '{field}'" if server is not None else f"field '{field}'"
-            self.problem(
-                path,
-                f"environment variable {name} {state} ({context}); set it or write ${{{name}:-default}}",
-                server=server,
-                field=field,
-                inline=True,
-            )
-            return ""
-
-        return _REF_RE.sub(substitute, text)
-
-    def var_problem(self, path: _Loc, text: str) -> None:
-        server, field = _where(path)
-        self.problem(path, text, server=server, field=field)
-
-
-# --------------------------------------------------------------------------- helpers
-
-
-def _where(path: _Loc) -> tuple[str | None, str]:
-    if len(path) >= 2 and path[0] in _SERVER_KEYS:
-        return str(path[1]), _fmt_path(path[2:])
-    return None, _fmt_path(path)
-
-
-def _fmt_path(path: _Loc) -> str:
-    out = ""
-    for part in path:
-        if isinstance(part, int):
-            out += f"[{part}]"
-        else:
-            out += f".{part}" if out else str(part)
-    return out
-
-
-def _kind(value: Any) -> str:
-    if value is None:
-        return "empty (null)"
-    if isinstance(value, dict):
-        return "a mapping"
-    if isinstance(value, list):
-        return "a list"
-    if isinstance(value, str):
-        return f"a string ({value[:40]!r})" if len(value) <= 40 else "a string"
-    return f"a {type(value).__name__} ({value!r})"
-
-
-def _unknown_field(key: str, known: tuple[str, ...] | list[str]) -> str:
-    text = f"unknown field '{key}'"
-    close = difflib.get_close_matches(key, sorted(known), n=1, cutoff=0.6)
-    if close:
-        text += f"; did you mean '{close[0]}'?"
-    return text
-
-
-# Input values shown in messages only for fields that cannot hold a secret.
-_SAFE_TO_ECHO = frozenset(
-    set(MCPServerConfig.model_fields) - {"url", "command", "args", "env", "headers", "cwd", "description"}
-) | {"max_result_bytes"}
-
-
-def _error_text(err: Any) -> str:
-    cause = (err.get("ctx") or {}).get("error")
-    if err["type"] == "value_error" and isinstance(cause, Exception):
-        return str(cause)
-    text = str(err["msg"])
-    loc = err["loc"]
-    value = err.get("input")
-    if (
-        loc
-        and loc[0] in _SAFE_TO_ECHO
-        and err["type"] not in ("missing", "extra_forbidden")
-        and isinstance(value, str | int | float | bool)
-    ):
-        shown = repr(value)
-        text += f" (got {shown if len(shown) <= 60 else shown[:57] + '...'})"
-    return text
 
 
 def _scalar_text(value: Any) -> Any:

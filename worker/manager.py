@@ -22,7 +22,8 @@ from redis.retry import Retry
 
 from mcpq.worker.breaker import ServerGuard
 from mcpq.worker.claims import ClaimKeeper
-from mcpq.worker.config import MCPQConfig, load_config
+from mcpq.worker.config import MCPQConfig
+from mcpq.worker.config_loader import load_config
 from mcpq.worker.contract.breaker_state import breaker_status, reset_breaker
 from mcpq.worker.contract.errors import MCPError
 from mcpq.worker.contract.keys import Keys

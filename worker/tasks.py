@@ -19,7 +19,7 @@ from typing import Any
 import redis
 from celery import Task
 
-from mcpq.worker.celery import app
+from mcpq.worker.app import app
 from mcpq.worker.claims import CallInProgress
 from mcpq.worker.contract.errors import InternalError, InvalidArgumentsError, MCPError
 from mcpq.worker.contract.ledger import ledger_message

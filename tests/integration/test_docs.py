@@ -8,7 +8,7 @@ The page's fenced blocks are executed in order:
 * ``console`` blocks: each ``$ `` line runs in bash; the lines after it are
   fragments that must appear in its output; a trailing ``# exit N`` states
   the expected exit code (default 0);
-* ``yaml`` blocks must load with ``mcpq.worker.config.parse_config``.
+* ``yaml`` blocks must load with ``mcpq.worker.config_loader.parse_config``.
 """
 
 from __future__ import annotations
@@ -25,7 +25,7 @@ from typing import Any
 import pytest
 import uvicorn
 
-from mcpq.worker.config import parse_config
+from mcpq.worker.config_loader import parse_config
 from tests.support.procs import (
     REPO_ROOT,
     everything_stdio_command,

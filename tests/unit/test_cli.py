@@ -193,12 +193,9 @@ def test_tools_with_unreachable_redis_exits_3() -> None:
 def test_worker_execs_celery_without_mingle_and_with_two_malloc_arenas(
     tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    import mcpq.producer.cli as cli_module
-
     config = tmp_path / "servers.yaml"
     config.write_text("mcp_servers:\n  a:\n    command: python\n")
-    execs: list[tuple[str, list[str], dict[str, str]]] = []
-    monkeypatch.setattr(cli_module.os, "execvpe", lambda f, argv, env: execs.append((f, argv, dict(env))))
+    execs = capture_execs(monkeypatch)
     monkeypatch.delenv("MALLOC_ARENA_MAX", raising=False)
 
     assert run("worker", "-c", "4", "--", "--without-gossip", env={"MCPQ_CONFIG": str(config)}).exit_code == 0
@@ -213,3 +210,43 @@ def test_worker_execs_celery_without_mingle_and_with_two_malloc_arenas(
     monkeypatch.setenv("MALLOC_ARENA_MAX", "8")  # the user's own choice is kept
     assert run("worker", env={"MCPQ_CONFIG": str(config)}).exit_code == 0
     assert execs[-1][2]["MALLOC_ARENA_MAX"] == "8"
+
+
+def capture_execs(monkeypatch: pytest.MonkeyPatch) -> list[tuple[str, list[str], dict[str, str]]]:
+    """Record what ``mcpq worker`` would exec instead of becoming Celery."""
+    import mcpq.producer.cli as cli_module
+
+    execs: list[tuple[str, list[str], dict[str, str]]] = []
+    monkeypatch.setattr(cli_module.os, "execvpe", lambda f, argv, env: execs.append((f, argv, dict(env))))
+    return execs
+
+
+def test_worker_passes_celery_options_through(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    config = tmp_path / "servers.yaml"
+    config.write_text("mcp_servers:\n  a:\n    command: python\n")
+    execs = capture_execs(monkeypatch)
+
+    result = run(
+        "worker", "-n", "w1@%h", "-c", "4", "-Q", "q", "--autoscale=8,2", env={"MCPQ_CONFIG": str(config)}
+    )
+    assert result.exit_code == 0, result.output
+    argv = execs[-1][1]
+    assert argv[argv.index("-n") + 1] == "w1@%h"
+    assert argv[argv.index("-c") + 1] == "4"
+    # The user's -Q replaces the configured queue instead of adding a second -Q.
+    assert argv.count("-Q") == 1 and argv[argv.index("-Q") + 1] == "q"
+    assert "--autoscale=8,2" in argv
+
+    assert (
+        run("worker", "-l", "debug", env={"MCPQ_CONFIG": str(config), "MCPQ_QUEUE": "tools"}).exit_code == 0
+    )
+    argv = execs[-1][1]
+    assert argv[argv.index("-Q") + 1] == "tools"
+    assert argv[argv.index("--loglevel") + 1] == "debug"
+
+
+def test_call_accepts_json_flag() -> None:
+    # --json is what every other command takes; on call it is the default output, not a usage error.
+    result = run("call", "--json", "echo", "text=hi", env={"MCPQ_BROKER_URL": "redis://127.0.0.1:9/0"})
+    assert result.exit_code == EXIT_UNREACHABLE, result.output
+    assert_no_traceback(result)

@@ -32,7 +32,7 @@ import yaml
 
 from mcpq.producer.cli import cli
 from mcpq.worker.budgets import check_time_budgets
-from mcpq.worker.config import load_config
+from mcpq.worker.config_loader import load_config
 from mcpq.worker.contract.errors import ConfigError
 from mcpq.worker.contract.settings import Settings
 

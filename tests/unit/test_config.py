@@ -9,14 +9,8 @@ from typing import Any
 
 import pytest
 
-from mcpq.worker.config import (
-    MCPQConfig,
-    MCPServerConfig,
-    ToolOverride,
-    load_config,
-    parse_config,
-    parse_rate_limit,
-)
+from mcpq.worker.config import MCPQConfig, MCPServerConfig, ToolOverride, parse_rate_limit
+from mcpq.worker.config_loader import load_config, parse_config
 from mcpq.worker.contract.errors import ConfigError, ErrorCode
 
 

@@ -12,7 +12,8 @@ from pathlib import Path
 
 import pytest
 
-from mcpq.worker.config import MCPServerConfig, parse_config
+from mcpq.worker.config import MCPServerConfig
+from mcpq.worker.config_loader import parse_config
 from mcpq.worker.contract.errors import (
     ERROR_DESCRIPTIONS,
     AmbiguousToolError,

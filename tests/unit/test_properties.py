@@ -13,7 +13,8 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 from mcpq.producer.cli import parse_arguments
-from mcpq.worker.config import MCPQConfig, parse_config
+from mcpq.worker.config import MCPQConfig
+from mcpq.worker.config_loader import parse_config
 from mcpq.worker.contract.errors import ConfigError, InvalidArgumentsError, MCPError
 from mcpq.worker.validation import validate_arguments
 

@@ -16,7 +16,8 @@ import redis
 
 import mcpq.worker.registry as registry_module
 from mcpq.producer.embedded_redis import free_port
-from mcpq.worker.config import MCPQConfig, parse_config
+from mcpq.worker.config import MCPQConfig
+from mcpq.worker.config_loader import parse_config
 from mcpq.worker.contract.errors import ErrorCode, ServerDisabledError, ServerNotFoundError
 from mcpq.worker.contract.keys import Keys
 from mcpq.worker.registry import MCPServerRegistry, ToolSet

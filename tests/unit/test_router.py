@@ -19,7 +19,8 @@ import pytest
 
 from mcpq.worker.breaker import BreakerPolicy, ServerGuard
 from mcpq.worker.claims import ClaimKeeper
-from mcpq.worker.config import MCPQConfig, parse_config
+from mcpq.worker.config import MCPQConfig
+from mcpq.worker.config_loader import parse_config
 from mcpq.worker.contract.errors import (
     AmbiguousToolError,
     ErrorCode,
