@@ -58,7 +58,13 @@ LEDGER_CLEARED = "_ledger_cleared"
 UNREACHABLE_RETRY = 5.0
 
 # Counts as neither success nor failure (isError results, cancellations we caused).
-_IGNORED = Outcome(InternalError("ignored"), False, False, False, False)
+_IGNORED = Outcome(
+    error=InternalError("ignored"),
+    breaker_failure=False,
+    retryable=False,
+    maybe_executed=False,
+    session_broken=False,
+)
 
 
 def split_qualified(tool: str, server: str | None) -> tuple[str, str | None]:

@@ -20,7 +20,17 @@ from mcp_types import (
 )
 from pydantic import BaseModel, ValidationError
 
-from mcpq.worker.classify import Outcome, SessionClosedBeforeSend, classify, leaf_exception
+from mcpq.worker.classify import (
+    BY_EXCEPTION,
+    BY_HTTP_STATUS,
+    BY_JSONRPC_CODE,
+    OTHER_JSONRPC_CODE,
+    UNEXPECTED_EXCEPTION,
+    Outcome,
+    SessionClosedBeforeSend,
+    classify,
+    leaf_exception,
+)
 from mcpq.worker.contract.errors import (
     ErrorCode,
     InternalError,
@@ -361,6 +371,58 @@ def test_outcome_is_frozen() -> None:
     outcome = classify(httpx2.ConnectError("x"), SERVER, "call")
     with pytest.raises(AttributeError):
         outcome.retryable = False  # type: ignore[misc]
+
+
+def test_outcome_takes_keywords_only() -> None:
+    # Four positional booleans are too easy to swap.
+    with pytest.raises(TypeError):
+        Outcome(InternalError("x"), False, False, False, False)  # type: ignore[misc]
+    outcome = Outcome(
+        error=InternalError("x"),
+        breaker_failure=False,
+        retryable=True,
+        maybe_executed=False,
+        session_broken=True,
+    )
+    assert (outcome.retryable, outcome.session_broken) == (True, True)
+
+
+# --------------------------------------------------------------------------- the table
+
+
+def test_only_our_own_error_classes_keep_the_error() -> None:
+    # classify keeps the leaf as the Outcome's error only for these rows; any
+    # other row without a message would have no error to give.
+    kept = [cls for cls, rule in BY_EXCEPTION.items() if rule.message is None]
+    assert kept and all(issubclass(cls, MCPError) for cls in kept)
+    others = [*BY_JSONRPC_CODE.values(), *BY_HTTP_STATUS.values(), OTHER_JSONRPC_CODE, UNEXPECTED_EXCEPTION]
+    assert all(rule.message is not None for rule in others)
+
+
+@pytest.mark.parametrize(
+    ("status", "breaker_failure", "hint"),
+    [(500, True, False), (599, True, False), (499, False, False), (403, False, True), (302, False, False)],
+)
+def test_http_status_classes(status: int, breaker_failure: bool, hint: bool) -> None:
+    outcome = classify(http_status(status), SERVER, "call")
+    assert type(outcome.error) is MCPConnectionError
+    assert outcome.breaker_failure is breaker_failure
+    assert outcome.retryable is breaker_failure
+    assert outcome.maybe_executed is breaker_failure
+    assert outcome.session_broken is True
+    assert ("credentials" in outcome.error.message) is hint
+
+
+def test_session_not_found_is_matched_case_insensitively() -> None:
+    outcome = classify(SDKError(INVALID_REQUEST, "Unknown SESSION id"), SERVER, "call")
+    assert (outcome.breaker_failure, outcome.retryable, outcome.maybe_executed) == (False, True, False)
+    assert "session expired on the server" in outcome.error.message
+
+
+def test_message_quotes_sdk_text_with_braces_verbatim() -> None:
+    # The rows are format templates; the SDK's text is a value, never a template.
+    outcome = classify(SDKError(-31999, "bad {field}"), SERVER, "call")
+    assert outcome.error.message == f"{WHERE}: JSON-RPC error -31999 (bad {{field}})"
 
 
 # --------------------------------------------------------------------------- timeouts
