@@ -95,17 +95,21 @@ class Session:
         await ready
 
     async def _own(self, ready: asyncio.Future[None], timeout: float) -> None:
-        client = Client(
-            client_target(self.config),
-            mode=self.choice.mode,
-            prior_discover=(
-                types.DiscoverResult.model_validate(self.choice.discover) if self.choice.discover else None
-            ),
-            client_info=CLIENT_INFO,
-            message_handler=self._on_message,
-            cache=None,
-        )
         try:
+            # Inside the try: a target that cannot be built (a stdio command
+            # that does not exist) must fail the waiting connect at once.
+            client = Client(
+                client_target(self.config),
+                mode=self.choice.mode,
+                prior_discover=(
+                    types.DiscoverResult.model_validate(self.choice.discover)
+                    if self.choice.discover
+                    else None
+                ),
+                client_info=CLIENT_INFO,
+                message_handler=self._on_message,
+                cache=None,
+            )
             # The SDK has no connect timeout; a deadline on an enclosing scope
             # (lifted once connected) bounds the handshake without breaking
             # anyio's rule that scopes close in the task that opened them.

@@ -29,21 +29,28 @@ SSE_READ_TIMEOUT = 300.0
 
 
 def resolve_command(config: MCPServerConfig) -> str:
-    """The executable for a stdio server, or a connection_error saying why not."""
+    """The executable for a stdio server, or a connection_error saying why not.
+
+    A command with a path separator is taken relative to the server's ``cwd``
+    (where it will run), a bare name is looked up on the server's PATH.
+    """
     command = config.command or ""
+    # Not retried: a missing executable does not appear within a call's backoff.
+    details = {"server": config.name, "command": command, "phase": "connect", "retry_safe": False}
     if os.sep in command:
-        if not os.access(command, os.X_OK):
+        path = os.path.join(config.cwd or os.getcwd(), command)
+        if not os.access(path, os.X_OK):
             raise MCPConnectionError(
-                f"server {config.name!r}: stdio command {command!r} does not exist or is not executable",
-                details={"server": config.name},
+                f"server {config.name!r}: stdio command {command!r} does not exist or is not executable"
+                + (f" (relative to cwd {config.cwd!r})" if config.cwd and not os.path.isabs(command) else ""),
+                details=details,
             )
-        return command
+        return path
     path_env = (config.env_values().get("PATH")) or os.environ.get("PATH")
     found = shutil.which(command, path=path_env)
     if found is None:
         raise MCPConnectionError(
-            f"server {config.name!r}: stdio command {command!r} was not found on PATH",
-            details={"server": config.name},
+            f"server {config.name!r}: stdio command {command!r} was not found on PATH", details=details
         )
     return found
 

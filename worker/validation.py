@@ -10,6 +10,7 @@ from typing import Any
 from jsonschema import exceptions as js_exceptions
 from jsonschema import validators
 
+from mcpq.worker.contract.arguments import check_arguments
 from mcpq.worker.contract.errors import InvalidArgumentsError
 from mcpq.worker.contract.redact import is_secret_key
 
@@ -55,12 +56,14 @@ def _problem(error: js_exceptions.ValidationError, secret_patterns: Sequence[str
 def validate_arguments(
     tool: str, schema: dict[str, Any] | None, arguments: Any, secret_patterns: Sequence[str] = ()
 ) -> None:
-    """Raise InvalidArgumentsError listing what is wrong, or return."""
-    if not isinstance(arguments, dict):
-        raise InvalidArgumentsError(
-            f"arguments for {tool!r} must be a JSON object, got {type(arguments).__name__}",
-            details={"tool": tool},
-        )
+    """Raise InvalidArgumentsError listing what is wrong, or return.
+
+    :param tool: the tool's name, for messages.
+    :param schema: the tool's inputSchema (None or empty: no schema check).
+    :param arguments: the call's arguments; first checked to be JSON the SDK can send.
+    :param secret_patterns: argument names whose values messages must not quote.
+    """
+    check_arguments(arguments, tool, none_means_empty=False)
     if not schema:
         return
     validator = _validator_for(schema)

@@ -2,8 +2,9 @@
 and ``producer/`` package: mcpq's names are its own, nothing else is shadowed.
 
 Before the one-package layout, a ``worker.py`` in the working directory broke
-``from producer import ToolQueue``, ``mcpq worker`` (``celery -A worker``) and
-every stdio server launch (``python -m worker.launch`` in the server's cwd).
+``from producer import ToolQueue``, ``mcpq worker`` (Celery's app was the
+top-level ``worker``) and every stdio server launch (the launcher module ran
+in the server's cwd, where the user's ``worker.py`` won).
 """
 
 from __future__ import annotations
@@ -31,7 +32,18 @@ USER_PRODUCER = 'raise RuntimeError("the user\'s own producer package was import
 def wheel(tmp_path_factory: pytest.TempPathFactory) -> Path:
     out = tmp_path_factory.mktemp("dist")
     subprocess.run(
-        [sys.executable, "-m", "pip", "wheel", "-q", "--no-deps", "--no-build-isolation", "-w", str(out), "."],
+        [
+            sys.executable,
+            "-m",
+            "pip",
+            "wheel",
+            "-q",
+            "--no-deps",
+            "--no-build-isolation",
+            "-w",
+            str(out),
+            ".",
+        ],
         cwd=REPO_ROOT,
         check=True,
         capture_output=True,
@@ -94,7 +106,9 @@ def test_wheel_holds_only_the_mcpq_package(wheel: Path) -> None:
     assert not any(name.startswith(("mcpq/tests/", "mcpq/bench/", "mcpq/docs/")) for name in names)
 
 
-def run(venv: Path, cwd: Path, *argv: str, env: dict[str, str] | None = None) -> subprocess.CompletedProcess[str]:
+def run(
+    venv: Path, cwd: Path, *argv: str, env: dict[str, str] | None = None
+) -> subprocess.CompletedProcess[str]:
     return subprocess.run(
         list(argv), cwd=cwd, env=env, capture_output=True, text=True, timeout=90, check=False
     )

@@ -53,7 +53,7 @@ def test_no_bare_worker_or_producer_imports() -> None:
     assert bad == [], "import mcpq.worker / mcpq.producer instead:\n" + "\n".join(bad)
 
 
-#: Module paths spelled inside strings and docs: `python -m worker.x`, `celery -A worker`.
+#: Module paths spelled inside strings and docs: a bare package after ``-m`` or ``-A``.
 BARE_MODULE_IN_TEXT = re.compile(r"(-m\s+|-A\s+|\"-m\",\s*\"|\"-A\",\s*\")(worker|producer)\b(?!/)")
 
 

@@ -49,7 +49,9 @@ def test_text_without_a_scheme_but_with_credentials_is_masked_whole() -> None:
 
 
 def test_urls_inside_messages_are_redacted() -> None:
-    text = f"Error 111 connecting to redis://u:{SECRET}@h:6379/0. Connection refused; also 'amqp://{SECRET}@q//'"
+    text = (
+        f"Error 111 connecting to redis://u:{SECRET}@h:6379/0. Connection refused; also 'amqp://{SECRET}@q//'"
+    )
     out = redact_urls_in(text)
     assert SECRET not in out
     assert "redis://u:***@h:6379/0." in out and "'amqp://***@q//'" in out

@@ -1,0 +1,107 @@
+"""What a hostile but honest caller found: no caller's input may hurt the fleet,
+one bad server may not hide the others, nothing hangs unbounded."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+import time
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+from tests.support.procs import read_count, stdio_command_for_test_server
+from tests.support.stack import Stack
+
+pytestmark = [pytest.mark.integration, pytest.mark.timeout(180)]
+
+
+def stdio_entry(count_dir: Path, **fields: Any) -> dict[str, Any]:
+    command, args = stdio_command_for_test_server()
+    return {"command": command, "args": args, "env": {"MCPQ_TEST_COUNT_DIR": str(count_dir)}, **fields}
+
+
+def cli(stack: Stack, *args: str, timeout: float = 60) -> subprocess.CompletedProcess[str]:
+    return subprocess.run(
+        [sys.executable, "-m", "mcpq.producer.cli", *args],
+        env=stack.env,
+        capture_output=True,
+        text=True,
+        timeout=timeout,
+        check=False,
+    )
+
+
+# --------------------------------------------------------------------------- arguments
+
+
+@pytest.mark.parametrize(
+    "bad",
+    [
+        {"key": "\ud800"},  # valid JSON (an escape), not encodable as UTF-8
+        {"key": "x", "extra": {"nested\udfff": 1}},
+        {"key": "x", "n": float("nan")},
+        {"key": "x", "n": float("inf")},
+    ],
+    ids=["lone-surrogate", "surrogate-key", "nan", "infinity"],
+)
+def test_an_argument_the_sdk_cannot_send_fails_alone_and_never_trips_the_breaker(
+    make_stack: Callable[..., Any], count_dir: Path, bad: dict[str, Any]
+) -> None:
+    stack = make_stack({"s": stdio_entry(count_dir, circuit_breaker_threshold=1, retry_attempts=3)})
+    stack.start_worker()
+    assert stack.queue.call("s/count", {"key": "warm"}, timeout=20).success
+
+    result = stack.queue.submit("s/count", bad, timeout=20).result(30)
+    assert result.error_code == "invalid_arguments", result.to_dict()
+    assert result.attempts == 1
+    # Nothing was sent: the tool never ran, the breaker saw nothing, the next caller is served.
+    assert stack.queue.breakers()["s"]["failures"] == 0
+    assert stack.queue.breakers()["s"]["state"] == "closed"
+    assert stack.queue.call("s/count", {"key": "after"}, timeout=20).success
+    assert read_count(count_dir, "after") == 1
+    assert read_count(count_dir, "x") == 0
+
+
+# --------------------------------------------------------------------------- one bad server
+
+
+def test_a_stdio_server_whose_command_is_missing_fails_at_once_and_health_reports_the_rest(
+    make_stack: Callable[..., Any], count_dir: Path
+) -> None:
+    stack = make_stack(
+        {
+            "good": stdio_entry(count_dir),
+            "missing": {"command": "no-such-mcp-server-binary", "timeout": 30},
+            "relative": {"command": "./not-here.sh", "cwd": str(count_dir), "timeout": 30},
+        }
+    )
+    stack.start_worker()
+    assert stack.queue.call("good/add", {"a": 1, "b": 2}, timeout=20).success
+
+    for server, says in (
+        ("missing", "'no-such-mcp-server-binary' was not found on PATH"),
+        ("relative", "cwd"),
+    ):
+        started = time.monotonic()
+        result = stack.queue.call(f"{server}/add", {"a": 1, "b": 2}, timeout=30)
+        elapsed = time.monotonic() - started
+        assert result.error_code == "connection_error", result.to_dict()
+        assert says in (result.error or "")
+        assert result.attempts == 1  # a missing executable is not retried
+        assert elapsed < 5, elapsed  # at once, not after the 30 s deadline
+
+    health = cli(stack, "health", "--json", "--wait", "30")
+    assert "Traceback" not in health.stderr, health.stderr
+    report = json.loads(health.stdout)
+    assert report["good"]["healthy"] is True
+    assert report["missing"]["healthy"] is False
+    assert "no-such-mcp-server-binary" in report["missing"]["error"]
+    assert report["relative"]["healthy"] is False
+
+    discover = cli(stack, "discover")
+    assert "Traceback" not in discover.stderr, discover.stderr
+    assert "good: " in discover.stdout and "missing: FAILED" in discover.stdout
