@@ -26,21 +26,18 @@ import asyncio
 import concurrent.futures
 import contextlib
 import os
-import sys
 import threading
-from pathlib import Path
 from typing import Any
 
 from celery import signals
 
 from bench.app import noop  # registers bench.noop (and bench.app's other tasks) on mcpq's app
+from bench.environment import stdio_params
 from mcpq.worker.celery import app
 
 __all__ = ["app", "bare_call", "cpc_call", "noop"]
 
-REPO_ROOT = Path(__file__).resolve().parents[1]
 HTTP_URL_ENV = "BENCH_HTTP_URL"
-STDIO_ARGS = ["-m", "mcpq.worker.demo_server", "stdio"]
 CALL_TIMEOUT = 60.0
 CONNECT_TIMEOUT = 60.0
 
@@ -48,9 +45,7 @@ CONNECT_TIMEOUT = 60.0
 def server_target(kind: str) -> Any:
     """What ``mcp.Client(...)`` takes for the server ``kind`` (``stdio`` or ``http``)."""
     if kind == "stdio":
-        from mcp.client.stdio import StdioServerParameters
-
-        return StdioServerParameters(command=sys.executable, args=STDIO_ARGS, cwd=str(REPO_ROOT))
+        return stdio_params()
     if kind == "http":
         url = os.environ.get(HTTP_URL_ENV)
         if not url:

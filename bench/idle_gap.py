@@ -14,13 +14,13 @@ from __future__ import annotations
 import argparse
 import asyncio
 import statistics
-import sys
 import time
-from pathlib import Path
 
 import psutil
 
-REPO_ROOT = Path(__file__).resolve().parents[1]
+from bench.cpu import cpu_seconds
+from bench.environment import stdio_params
+from bench.harness import is_demo_server
 
 #: Per gap, per round: (median latency ms, client CPU ms per call, server CPU ms per call).
 Results = dict[float, list[tuple[float, float, float]]]
@@ -28,23 +28,16 @@ Results = dict[float, list[tuple[float, float, float]]]
 
 async def measure(calls: int, rounds: int, gaps_ms: list[float]) -> Results:
     from mcp import Client
-    from mcp.client.stdio import StdioServerParameters
 
-    params = StdioServerParameters(
-        command=sys.executable, args=["-m", "mcpq.worker.demo_server", "stdio"], cwd=str(REPO_ROOT)
-    )
     out: Results = {gap: [] for gap in gaps_ms}
-    async with Client(params) as client:
-        servers = [
-            p for p in psutil.Process().children() if "mcpq.worker.demo_server" in " ".join(p.cmdline())
-        ]
-        server = servers[0]
+    async with Client(stdio_params()) as client:
+        server = next(p for p in psutil.Process().children() if is_demo_server(p))
         for _ in range(50):
             await client.call_tool("echo", {"text": "x"})
         for _ in range(rounds):
             for gap in gaps_ms:
                 samples: list[float] = []
-                s0 = server.cpu_times()
+                s0 = cpu_seconds(server)
                 c0 = time.process_time()
                 for _ in range(calls):
                     if gap:
@@ -53,8 +46,7 @@ async def measure(calls: int, rounds: int, gaps_ms: list[float]) -> Results:
                     await client.call_tool("echo", {"text": "x"})
                     samples.append(time.perf_counter() - t0)
                 c1 = time.process_time()
-                s1 = server.cpu_times()
-                server_cpu = (s1.user + s1.system) - (s0.user + s0.system)
+                server_cpu = cpu_seconds(server) - s0
                 out[gap].append(
                     (statistics.median(samples) * 1000, (c1 - c0) * 1000 / calls, server_cpu * 1000 / calls)
                 )

@@ -36,45 +36,51 @@ from __future__ import annotations
 
 import argparse
 import asyncio
-import concurrent.futures
 import contextlib
-import hashlib
 import json
 import os
-import platform
 import re
-import signal
-import socket
-import subprocess
 import sys
 import tempfile
-import threading
 import time
 import uuid
-from collections.abc import Callable, Iterator
-from dataclasses import dataclass, field
+from collections.abc import Callable
 from pathlib import Path
-from types import FrameType
-from typing import TYPE_CHECKING, Any
+from typing import Any
 
 import psutil
 
-from bench.runner import run_and_report
+from bench.cpu import CpuMeter, per_call_ms
+from bench.environment import (
+    bench_env,
+    check_redis,
+    child_env,
+    drop_keys,
+    free_port,
+    git_state,
+    load_mcpq,
+    machine_info,
+    stdio_server,
+    write_config,
+)
+from bench.harness import (
+    DirectClient,
+    WorkerProcess,
+    cmdline,
+    is_demo_server,
+    no_backend_retries,
+    start_redis,
+    wait_for_worker,
+)
+from bench.runner import add_json_option, key_json, run_and_report
 from bench.stats import summarize
 
-if TYPE_CHECKING:
-    from mcpq.producer.embedded_redis import EmbeddedRedis
+# Nothing from producer/ or worker/ is imported at module level (see bench/environment.py):
+# the worker's app (``bench.app`` -> ``mcpq.worker.celery.app``) must see this run's Redis.
+# ``run`` sets the environment first and imports afterwards.
 
-# Nothing from producer/ or worker/ is imported at module level: importing
-# ``producer`` (any submodule) imports ``mcpq.worker.celery``, which builds its app
-# from the MCPQ_* environment at import time, and the worker's app
-# (``bench.app`` -> ``mcpq.worker.celery.app``) must see this run's Redis. ``run``
-# sets the environment first and imports afterwards.
-
-REPO_ROOT = Path(__file__).resolve().parents[1]
 SERVER = "bench-stdio"
 ECHO_ARGS = {"text": "x"}
-DEMO_SERVER_ARGS = ["-m", "mcpq.worker.demo_server", "stdio"]
 PATHS = ("direct", "floor", "mcpq", "direct_idle")
 WORKER_CONCURRENCY = 8
 CALL_TIMEOUT = 30.0
@@ -82,132 +88,10 @@ TARGET_RATIO = 1.25
 IDLE_GAP_MS = 5.0
 
 
-# -- processes --------------------------------------------------------------------
+class EchoClient(DirectClient):
+    """The direct path: ``call_tool("echo")`` on the pooled SDK client, timed on its loop."""
 
-
-class WorkerProcess:
-    """One Celery worker on ``bench.app`` (threads pool by default), its own session and log file."""
-
-    def __init__(self, env: dict[str, str], queue: str, concurrency: int, pool: str = "threads") -> None:
-        self.name = f"{queue}@{platform.node() or 'localhost'}"
-        self.argv = [
-            sys.executable, "-m", "celery", "-A", "bench.app", "worker",
-            "-P", pool, "-c", str(concurrency), "-Q", queue, "-n", self.name,
-            "--without-gossip", "--without-mingle", "--loglevel", "warning",
-        ]  # fmt: skip
-        self.env = env
-        fd, name = tempfile.mkstemp(prefix="mcpq-bench-worker-", suffix=".log")
-        os.close(fd)
-        self.log_path = Path(name)
-        self.proc: subprocess.Popen[bytes] | None = None
-
-    def start(self) -> WorkerProcess:
-        with self.log_path.open("ab") as log:
-            self.proc = subprocess.Popen(
-                self.argv,
-                env=self.env,
-                cwd=REPO_ROOT,
-                stdout=log,
-                stderr=subprocess.STDOUT,
-                stdin=subprocess.DEVNULL,
-                start_new_session=True,  # Ctrl-C reaches us only; we stop it ourselves
-            )
-        return self
-
-    @property
-    def pid(self) -> int:
-        assert self.proc is not None
-        return self.proc.pid
-
-    def alive(self) -> bool:
-        return self.proc is not None and self.proc.poll() is None
-
-    def log_tail(self, n: int = 4000) -> str:
-        try:
-            return self.log_path.read_bytes()[-n:].decode(errors="replace")
-        except OSError:
-            return ""
-
-    def stop(self, grace: float | None = None) -> None:
-        """Warm shutdown (SIGTERM; it closes its stdio server), then SIGKILL the group.
-
-        After Ctrl-C the grace is short: a Ctrl-C is meant to end things quickly.
-        """
-        if grace is None:
-            grace = 5.0 if _interrupted else 20.0
-        proc, self.proc = self.proc, None
-        if proc is None:
-            return
-        if proc.poll() is None:
-            proc.send_signal(signal.SIGTERM)
-            try:
-                proc.wait(grace)
-            except subprocess.TimeoutExpired:
-                print(f"worker {proc.pid} ignored SIGTERM for {grace:g}s; killing it", file=sys.stderr)
-        # Anything left in its session (the stdio server it started) goes too.
-        with contextlib.suppress(ProcessLookupError, PermissionError):
-            os.killpg(proc.pid, signal.SIGKILL)
-        with contextlib.suppress(subprocess.TimeoutExpired):
-            proc.wait(5)
-        with contextlib.suppress(OSError):
-            self.log_path.unlink()
-
-
-class DirectClient:
-    """An ``mcp.Client`` on the stdio demo server, kept open on a private event loop.
-
-    One owner task enters the Client and stays parked until ``close`` (anyio
-    wants the entering task to exit it); benchmark blocks run as other tasks
-    on the same loop and time each ``call_tool`` inside the loop.
-    """
-
-    def __init__(self) -> None:
-        self.loop = asyncio.new_event_loop()
-        self.thread = threading.Thread(target=self.loop.run_forever, name="bench-direct", daemon=True)
-        self.client: Any = None
-        self.protocol_version: str | None = None
-        self._closing: asyncio.Event | None = None
-        self._owner: concurrent.futures.Future[None] | None = None
-        self.server_pids: list[int] = []
-
-    def start(self, timeout: float = 60.0) -> DirectClient:
-        self.thread.start()
-        ready: concurrent.futures.Future[None] = concurrent.futures.Future()
-        self._owner = asyncio.run_coroutine_threadsafe(self._own(ready), self.loop)
-        try:
-            ready.result(timeout)
-        except concurrent.futures.TimeoutError:
-            raise RuntimeError(f"direct stdio client did not connect within {timeout:g}s") from None
-        # The SDK starts the server as our direct child; the worker's server is the worker's.
-        self.server_pids = [
-            p.pid for p in psutil.Process().children() if "mcpq.worker.demo_server" in " ".join(_cmdline(p))
-        ]
-        return self
-
-    def _target(self) -> Any:
-        """What ``mcp.Client`` connects to: the stdio demo server."""
-        from mcp.client.stdio import StdioServerParameters
-
-        return StdioServerParameters(command=sys.executable, args=DEMO_SERVER_ARGS, cwd=str(REPO_ROOT))
-
-    async def _own(self, ready: concurrent.futures.Future[None]) -> None:
-        from mcp import Client
-
-        self._closing = asyncio.Event()
-        try:
-            async with Client(self._target()) as client:
-                self.client = client
-                self.protocol_version = client.protocol_version
-                ready.set_result(None)
-                await self._closing.wait()
-        except BaseException as exc:
-            if not ready.done():
-                ready.set_exception(exc if isinstance(exc, Exception) else RuntimeError(repr(exc)))
-            raise
-        finally:
-            self.client = None
-
-    async def _series(self, n: int, idle_s: float = 0.0) -> list[float]:
+    async def _series(self, n: int, idle_s: float) -> list[float]:
         client = self.client
         assert client is not None
         out: list[float] = []
@@ -222,152 +106,11 @@ class DirectClient:
         return out
 
     def series(self, n: int, idle_s: float = 0.0) -> list[float]:
-        fut = asyncio.run_coroutine_threadsafe(self._series(n, idle_s), self.loop)
-        return fut.result((CALL_TIMEOUT + idle_s) * max(n, 1))
-
-    def close(self) -> None:
-        if self.thread.is_alive():
-            closing = self._closing
-            if closing is not None:
-                self.loop.call_soon_threadsafe(closing.set)
-            if self._owner is not None:
-                with contextlib.suppress(Exception):
-                    self._owner.result(15)
-            self.loop.call_soon_threadsafe(self.loop.stop)
-            self.thread.join(10)
-        for pid in self.server_pids:  # only if the SDK's own close did not end it
-            with contextlib.suppress(psutil.Error):
-                proc = psutil.Process(pid)
-                proc.terminate()
-                proc.wait(5)
-
-
-def _cmdline(proc: psutil.Process) -> list[str]:
-    try:
-        return list(proc.cmdline())
-    except psutil.Error:
-        return []
-
-
-# -- CPU accounting ---------------------------------------------------------------
-
-
-@dataclass
-class CpuMeter:
-    """CPU seconds (user + system) of named processes, sampled around each block."""
-
-    procs: dict[str, psutil.Process] = field(default_factory=dict)
-    used: dict[str, dict[str, float]] = field(default_factory=dict)
-
-    def add(self, name: str, pid: int) -> None:
-        with contextlib.suppress(psutil.Error):
-            self.procs[name] = psutil.Process(pid)
-
-    def snapshot(self) -> dict[str, float]:
-        out: dict[str, float] = {}
-        for name, proc in self.procs.items():
-            try:
-                t = proc.cpu_times()
-                out[name] = t.user + t.system
-            except psutil.Error:
-                out[name] = float("nan")
-        return out
-
-    @contextlib.contextmanager
-    def measure(self, path: str) -> Iterator[None]:
-        before = self.snapshot()
-        yield
-        after = self.snapshot()
-        bucket = self.used.setdefault(path, {})
-        for name, value in after.items():
-            bucket[name] = bucket.get(name, 0.0) + value - before.get(name, 0.0)
-
-    def per_call_ms(self, calls: dict[str, int]) -> dict[str, dict[str, float]]:
-        return {
-            path: {name: 1000 * sec / max(calls[path], 1) for name, sec in used.items()}
-            for path, used in self.used.items()
-        }
+        """``n`` echo calls back to back, each after ``idle_s`` s of idle time; ms each."""
+        return self.run(self._series(n, idle_s), (CALL_TIMEOUT + idle_s) * max(n, 1))
 
 
 # -- the run ----------------------------------------------------------------------
-
-
-def _bench_env(redis_base: str, config_path: Path, tag: str) -> dict[str, str]:
-    return {
-        "MCPQ_BROKER_URL": f"{redis_base}/0",
-        "MCPQ_RESULT_BACKEND": f"{redis_base}/1",
-        "MCPQ_REDIS_URL": f"{redis_base}/2",
-        "MCPQ_CONFIG": str(config_path),
-        "MCPQ_QUEUE": f"mcpq-bench-{tag}",
-        "MCPQ_KEY_PREFIX": f"mcpq-bench-{tag}:",
-    }
-
-
-def _parse_overrides(items: list[str]) -> dict[str, Any]:
-    out: dict[str, Any] = {}
-    for item in items:
-        key, sep, raw = item.partition("=")
-        if not sep or not key:
-            raise SystemExit(f"--conf takes KEY=JSON, got {item!r}")
-        try:
-            out[key] = json.loads(raw)
-        except ValueError:
-            out[key] = raw
-    return out
-
-
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return int(s.getsockname()[1])
-
-
-def _write_config(path: Path) -> None:
-    import yaml
-
-    doc = {
-        "mcp_servers": {
-            SERVER: {"transport": "stdio", "command": sys.executable, "args": DEMO_SERVER_ARGS},
-        }
-    }
-    path.write_text(yaml.safe_dump(doc))
-
-
-def _source_fingerprint() -> str:
-    digest = hashlib.sha256()
-    for path in sorted([*REPO_ROOT.glob("worker/**/*.py"), *REPO_ROOT.glob("worker/**/*.lua"),
-                        *REPO_ROOT.glob("producer/**/*.py")]):  # fmt: skip
-        digest.update(path.relative_to(REPO_ROOT).as_posix().encode())
-        digest.update(path.read_bytes())
-    return digest.hexdigest()[:12]
-
-
-def _git_state() -> str:
-    """The commit and a fingerprint of worker/ and producer/, which others may be editing."""
-    fingerprint = f"source sha256 {_source_fingerprint()}"
-    try:
-        head = subprocess.run(
-            ["git", "rev-parse", "--short", "HEAD"], cwd=REPO_ROOT, capture_output=True, text=True, check=True
-        ).stdout.strip()
-        dirty = subprocess.run(
-            ["git", "status", "--porcelain", "--", "worker", "producer"],
-            cwd=REPO_ROOT,
-            capture_output=True,
-            text=True,
-            check=True,
-        ).stdout.strip()
-    except (OSError, subprocess.CalledProcessError):
-        return f"not a git checkout, {fingerprint}"
-    return f"{head}{' + uncommitted changes' if dirty else ''}, {fingerprint}"
-
-
-_interrupted = False
-
-
-def _interrupt(signum: int, frame: FrameType | None) -> None:
-    global _interrupted
-    _interrupted = True
-    raise KeyboardInterrupt(f"signal {signum}")
 
 
 def run(args: argparse.Namespace) -> dict[str, Any]:
@@ -376,75 +119,46 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
         "calls": args.calls,
         "warmup": args.warmup,
         "rounds": args.rounds,
-        "machine": {
-            "cpus": os.cpu_count(),
-            "python": platform.python_version(),
-            "platform": platform.platform(),
-            "loadavg_start": os.getloadavg(),
-        },
-        "git": _git_state(),
+        "machine": machine_info(),
+        "git": git_state(),
     }
     with contextlib.ExitStack() as stack:
         redis_port: int | None = None
         if args.redis_url:
             redis_base = re.sub(r"/\d+$", "", args.redis_url.rstrip("/"))
-            _check_redis(redis_base)
+            check_redis(redis_base, "bench.latency")
         else:
-            redis_port = _free_port()
+            redis_port = free_port()
             redis_base = f"redis://127.0.0.1:{redis_port}"
         workdir = Path(stack.enter_context(tempfile.TemporaryDirectory(prefix="mcpq-bench-")))
         config_path = workdir / "servers.yaml"
-        _write_config(config_path)
-        bench_env = _bench_env(redis_base, config_path, tag)
-        overrides = _parse_overrides(args.conf)
+        write_config(config_path, {SERVER: stdio_server()})
+        env = bench_env(redis_base, config_path, tag)
+        overrides: dict[str, Any] = dict(args.conf)
         if overrides:
-            bench_env["BENCH_CELERY_CONF"] = json.dumps(overrides)
-        # mcpq.worker.celery builds its app from MCPQ_* at import: set them before importing it.
-        os.environ.update(bench_env)
+            env["BENCH_CELERY_CONF"] = json.dumps(overrides)
+        app, settings = load_mcpq(env, "bench.latency")
         from bench.app import noop
-        from mcpq.producer.embedded_redis import EmbeddedRedis
         from mcpq.producer.queue import ToolQueue
-        from mcpq.worker.celery import app
-        from mcpq.worker.contract.settings import Settings
 
-        settings = Settings.from_env()
-        if app.conf.broker_url != settings.broker_url:
-            raise RuntimeError(
-                "mcpq.worker.celery.app was built before this run set MCPQ_BROKER_URL "
-                f"({app.conf.broker_url!r} != {settings.broker_url!r}): run bench.latency as a program"
-            )
-        redis_proc: EmbeddedRedis | None = None
-        if redis_port is not None:
-            redis_proc = stack.enter_context(EmbeddedRedis(port=redis_port))
-            if redis_proc.process is not None:
-                # Its own process group: Ctrl-C in the terminal reaches this process
-                # only, and the cleanup below stops worker, then Redis, in order.
-                with contextlib.suppress(OSError):
-                    os.setpgid(redis_proc.process.pid, redis_proc.process.pid)
+        redis_proc = start_redis(stack, redis_port) if redis_port is not None else None
         tq = ToolQueue(settings, app=app)
         stack.callback(tq.close)
         if args.redis_url:
-            stack.callback(_drop_keys, settings.redis_url, f"{settings.key_prefix}*")
-            stack.callback(_drop_keys, settings.broker_url, f"*{settings.queue}*")
-        stack.callback(_no_backend_retries_after_interrupt, app)
+            stack.callback(drop_keys, settings.redis_url, f"{settings.key_prefix}*")
+            stack.callback(drop_keys, settings.broker_url, f"*{settings.queue}*")
+        stack.callback(no_backend_retries, app)
 
-        worker_env = {
-            **os.environ,
-            **bench_env,
-            "PYTHONPATH": os.pathsep.join(filter(None, [str(REPO_ROOT), os.environ.get("PYTHONPATH")])),
-            "PYTHONUNBUFFERED": "1",
-        }
-        if args.timeline == 0:
-            worker_env["BENCH_INSTRUMENT"] = "0"
+        worker_env = child_env({"BENCH_INSTRUMENT": "0"} if args.timeline == 0 else None)
         report["celery_overrides"] = overrides
         report["worker"] = {"pool": args.pool, "concurrency": args.concurrency}
         worker = WorkerProcess(worker_env, settings.queue, args.concurrency, args.pool)
         stack.callback(worker.stop)
         worker.start()
-        _wait_for_worker(app, worker)
+        wait_for_worker(app, worker)
         print(f"worker up (pid {worker.pid}); connecting the direct client", file=sys.stderr)
 
-        direct = DirectClient()
+        direct = EchoClient()
         stack.callback(direct.close)
         direct.start()
 
@@ -489,15 +203,16 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
         meter.add("bench", os.getpid())
         meter.add("worker", worker.pid)
         for child in psutil.Process(worker.pid).children(recursive=True):
-            if "mcpq.worker.demo_server" in " ".join(_cmdline(child)):
+            if is_demo_server(child):
                 meter.add("worker's stdio server", child.pid)
-            elif "celery" in " ".join(_cmdline(child)):
-                meter.add("worker's pool child", child.pid)
+            elif "celery" in " ".join(cmdline(child)):
+                meter.add("worker's pool child", child.pid)  # prefork: all children add up
         for pid in direct.server_pids:
             meter.add("direct's stdio server", pid)
         if redis_proc is not None and redis_proc.process is not None:
             meter.add("redis", redis_proc.process.pid)
 
+        cpu_used: dict[str, dict[str, float]] = {}
         samples: dict[str, list[float]] = {p: [] for p in PATHS}
         rounds = max(1, min(args.rounds, args.calls))
         sizes = [args.calls // rounds + (1 if i < args.calls % rounds else 0) for i in range(rounds)]
@@ -505,7 +220,7 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
             order = PATHS[i % len(PATHS) :] + PATHS[: i % len(PATHS)]
             print(f"round {i + 1}/{rounds}: {size} calls per path, order {', '.join(order)}", file=sys.stderr)
             for path in order:
-                with meter.measure(path):
+                with meter.measure(cpu_used.setdefault(path, {})):
                     samples[path] += runners[path](size)
 
         report["protocol"] = {
@@ -514,7 +229,7 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
         }
         report["results"] = {p: summarize(samples[p]) for p in PATHS}
         report["mcpq_execution_time_ms"] = summarize(exec_ms)
-        report["cpu_ms_per_call"] = meter.per_call_ms({p: len(samples[p]) for p in PATHS})
+        report["cpu_ms_per_call"] = per_call_ms(cpu_used, {p: len(samples[p]) for p in PATHS})
 
         if args.timeline:
             print(f"stage timeline ({args.timeline} calls per path, alternating)", file=sys.stderr)
@@ -605,48 +320,6 @@ def _timeline(app: Any, queue: str, tq: Any, noop: Any, calls: int) -> dict[str,
                 stages["body_other"].append(m["d:body"] - sum(m.get(f"d:{p}", 0.0) for p in _BODY_PARTS))
         out[path] = {k: summarize([v * 1000 for v in vals]) for k, vals in stages.items() if vals}
     return out
-
-
-def _check_redis(url: str) -> None:
-    import redis
-
-    try:
-        with redis.Redis.from_url(url, socket_timeout=2.0, socket_connect_timeout=2.0) as client:
-            client.ping()
-    except redis.RedisError as exc:
-        raise SystemExit(f"bench.latency: cannot reach Redis at {url}: {exc}") from None
-
-
-def _drop_keys(url: str, pattern: str) -> None:
-    """On a shared Redis, remove this run's keys (its own key prefix and queue name only)."""
-    import redis
-
-    with contextlib.suppress(redis.RedisError), redis.Redis.from_url(url, socket_timeout=2.0) as client:
-        keys = list(client.scan_iter(match=pattern, count=500))
-        if keys:
-            client.delete(*keys)
-
-
-def _no_backend_retries_after_interrupt(app: Any) -> None:
-    """After Ctrl-C, a result still pending unsubscribes when it is garbage collected,
-    which is after Redis is stopped: Celery would retry that for about 20 s, then
-    complain. Nobody waits for it any more, so skip it."""
-    if _interrupted:
-        with contextlib.suppress(Exception):
-            backend = app.backend
-            backend._transport_options["retry_policy"] = {"max_retries": 0}
-            backend.remove_pending_result = lambda result: result
-
-
-def _wait_for_worker(app: Any, worker: WorkerProcess, timeout: float = 90.0) -> None:
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        if not worker.alive():
-            raise RuntimeError(f"the worker exited at start:\n{worker.log_tail()}")
-        # By name: on a shared Redis other mcpq workers would answer a broadcast ping.
-        if app.control.ping(destination=[worker.name], timeout=0.5):
-            return
-    raise RuntimeError(f"the worker did not answer a ping within {timeout:g}s:\n{worker.log_tail()}")
 
 
 # -- output -------------------------------------------------------------------------
@@ -819,6 +492,7 @@ def main(argv: list[str] | None = None) -> int:
         "--conf",
         action="append",
         default=[],
+        type=key_json,
         metavar="KEY=JSON",
         help="experiment: override a Celery setting in producer and worker, e.g. "
         "--conf task_track_started=false (repeatable)",
@@ -844,7 +518,7 @@ def main(argv: list[str] | None = None) -> int:
         "what the stdio server idles between two queued calls; the slowdown levels off from there)",
     )
     parser.add_argument("--no-split", action="store_true", help="skip the in-worker layer timing")
-    parser.add_argument("--json", type=Path, help="also write the full report as JSON here")
+    add_json_option(parser)
     args = parser.parse_args(argv)
     if args.calls < 1 or args.warmup < 0 or args.rounds < 1:
         parser.error("--calls and --rounds must be >= 1, --warmup >= 0")

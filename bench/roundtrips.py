@@ -17,9 +17,6 @@ from __future__ import annotations
 
 import argparse
 import collections
-import os
-import subprocess
-import sys
 import tempfile
 import threading
 import time
@@ -28,17 +25,14 @@ from typing import Any
 
 import redis
 
+from bench.environment import bench_env, child_env, stdio_server, write_config
+from bench.harness import WorkerProcess, stop_on_signals
 from mcpq.producer.embedded_redis import EmbeddedRedis
 from mcpq.producer.queue import ToolQueue
 from mcpq.worker.contract.settings import Settings
 
-CONFIG = """\
-mcp_servers:
-  bench:
-    transport: stdio
-    command: {python}
-    args: ["-m", "mcpq.worker.demo_server", "stdio"]
-"""
+# Unlike the other benchmarks this one imports mcpq at module level: it never uses the
+# app mcpq.worker.celery builds at import, only ToolQueue's own, from explicit settings.
 
 
 class Monitor:
@@ -79,23 +73,21 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--pool", default="threads")
     parser.add_argument("--submit", choices=["each", "map"], default="map")
     args = parser.parse_args(argv)
+    try:
+        with stop_on_signals():
+            return run(args)
+    except KeyboardInterrupt:
+        return 130
 
+
+def run(args: argparse.Namespace) -> int:
+    """Count the round trips of ``args.calls`` calls; print them; 1 if any call failed."""
     with EmbeddedRedis() as broker, EmbeddedRedis() as state, tempfile.TemporaryDirectory() as tmp:
         config = Path(tmp) / "servers.yaml"
-        config.write_text(CONFIG.format(python=sys.executable))
-        env = {
-            **os.environ,
-            "MCPQ_BROKER_URL": f"{broker.url}/0",
-            "MCPQ_RESULT_BACKEND": f"{broker.url}/1",
-            "MCPQ_REDIS_URL": f"{state.url}/0",
-            "MCPQ_CONFIG": str(config),
-            "MCPQ_QUEUE": "bench-rt",
-        }
-        worker = subprocess.Popen(
-            [sys.executable, "-m", "celery", "-A", "mcpq.worker", "worker", "-P", args.pool, "-c", "8",
-             "-Q", "bench-rt", "--loglevel", "warning", "--without-gossip", "--without-mingle"],
-            env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
-        )  # fmt: skip
+        write_config(config, {"bench": stdio_server()})
+        # The state Redis is a server of its own, db 0: MONITOR sees only mcpq's own commands.
+        env = child_env(bench_env(broker.url, config, "rt", state_url=f"{state.url}/0"))
+        worker = WorkerProcess(env, env["MCPQ_QUEUE"], 8, args.pool, app="mcpq.worker").start()
         try:
             queue = ToolQueue(Settings.from_env(env))
             queue.wait_for_worker(60)
@@ -112,8 +104,7 @@ def main(argv: list[str] | None = None) -> int:
                 elapsed = time.perf_counter() - started
             queue.close()
         finally:
-            worker.terminate()
-            worker.wait(30)
+            worker.stop()
 
     sent = [c for c in monitor.commands if c.get("client_type") != "lua"]
     in_lua = len(monitor.commands) - len(sent)

@@ -7,7 +7,7 @@ after warm-up grows < 10%; stdio child processes constant; no file-descriptor
 growth.
 
 One worker (``python -m celery -A bench.app worker -P threads``, as
-bench/latency.py starts it, ``-c`` = mcpq's default concurrency) serves two
+bench.harness.WorkerProcess starts it, ``-c`` = mcpq's default concurrency) serves two
 servers: the bundled demo server over stdio (the worker's child) and over
 Streamable HTTP (started here). Calls go in batches of ``--sample-every``:
 
@@ -54,10 +54,6 @@ from __future__ import annotations
 import argparse
 import contextlib
 import os
-import platform
-import signal
-import socket
-import subprocess
 import sys
 import tempfile
 import time
@@ -70,10 +66,27 @@ from typing import Any
 
 import psutil
 
-from bench import latency as lat
-from bench.runner import run_and_report
+from bench.environment import (
+    bench_env,
+    child_env,
+    free_port,
+    git_state,
+    load_mcpq,
+    machine_info,
+    stdio_server,
+    write_config,
+)
+from bench.harness import (
+    DemoServerProcess,
+    WorkerProcess,
+    cmdline,
+    no_backend_retries,
+    start_redis,
+    wait_for_worker,
+)
+from bench.runner import add_json_option, key_value, run_and_report
 
-# Nothing from producer/ or worker/ at module level (see bench/latency.py): the
+# Nothing from producer/ or worker/ at module level (see bench/environment.py): the
 # app is built from MCPQ_* at import time, and ``run`` sets them first. The
 # worker imports this module too (``--include bench.soak``); there, and only
 # there (BENCH_SOAK_WORKER=1), the probe task is registered at the bottom.
@@ -293,7 +306,7 @@ class Sampler:
             "fd_kinds": _fd_kinds(self.worker_pid),
             "tcp_peers": _tcp_peers(worker, self.ports),
             "children": sorted(c.pid for c in children),
-            "children_cmd": sorted(" ".join(lat._cmdline(c))[-60:] for c in children),
+            "children_cmd": sorted(" ".join(cmdline(c))[-60:] for c in children),
             "children_rss": child_rss,
             "http_server": _proc_stats(self.http_pid),
             "redis": _redis_stats(self.redis_base, self.prefix),
@@ -377,100 +390,10 @@ def _register_probe() -> None:
         return probe_body(top, tracemalloc_action)
 
 
-# -- processes --------------------------------------------------------------------------
-
-
-class DemoServerProcess:
-    """``python -m mcpq.worker.demo_server http|sse --port P`` in its own session."""
-
-    def __init__(self, port: int, env: dict[str, str], transport: str = "http") -> None:
-        self.port = port
-        self.env = env
-        self.transport = transport
-        self.proc: subprocess.Popen[bytes] | None = None
-        fd, name = tempfile.mkstemp(prefix="mcpq-soak-http-", suffix=".log")
-        os.close(fd)
-        self.log_path = Path(name)
-
-    def start(self, timeout: float = 30.0) -> DemoServerProcess:
-        argv = [sys.executable, "-m", "mcpq.worker.demo_server", self.transport, "--port", str(self.port)]
-        with self.log_path.open("ab") as log:
-            self.proc = subprocess.Popen(
-                argv,
-                env=self.env,
-                cwd=lat.REPO_ROOT,
-                stdout=log,
-                stderr=subprocess.STDOUT,
-                stdin=subprocess.DEVNULL,
-                start_new_session=True,
-            )
-        deadline = time.monotonic() + timeout
-        while time.monotonic() < deadline:
-            if self.proc.poll() is not None:
-                raise RuntimeError(f"the {self.transport} demo server exited at start:\n{self.log_tail()}")
-            with contextlib.suppress(OSError), socket.create_connection(("127.0.0.1", self.port), 0.2):
-                return self
-            time.sleep(0.05)
-        raise RuntimeError(
-            f"the {self.transport} demo server did not listen on {self.port} within {timeout:g}s"
-        )
-
-    @property
-    def pid(self) -> int:
-        assert self.proc is not None
-        return self.proc.pid
-
-    def log_tail(self, n: int = 3000) -> str:
-        try:
-            return self.log_path.read_bytes()[-n:].decode(errors="replace")
-        except OSError:
-            return ""
-
-    def stop(self) -> None:
-        proc, self.proc = self.proc, None
-        if proc is not None and proc.poll() is None:
-            proc.terminate()
-            try:
-                proc.wait(10)
-            except subprocess.TimeoutExpired:
-                with contextlib.suppress(ProcessLookupError, PermissionError):
-                    os.killpg(proc.pid, signal.SIGKILL)
-                with contextlib.suppress(subprocess.TimeoutExpired):
-                    proc.wait(5)
-        with contextlib.suppress(OSError):
-            self.log_path.unlink()
-
-
-def _write_config(path: Path, http_port: int) -> None:
-    import yaml
-
-    common = {"retry_attempts": 1, "retry_delay": 0.2, "retry_max_delay": 0.5}
-    doc = {
-        "mcp_servers": {
-            STDIO: {
-                "transport": "stdio",
-                "command": sys.executable,
-                "args": lat.DEMO_SERVER_ARGS,
-                **common,
-            },
-            HTTP: {"transport": "http", "url": f"http://127.0.0.1:{http_port}/mcp", **common},
-        }
-    }
-    path.write_text(yaml.safe_dump(doc))
-
-
 # -- the run --------------------------------------------------------------------------------
 
-
-def no_backend_retries(app: Any) -> None:
-    """At teardown nobody waits for a result any more. A pending result left by an
-    error unsubscribes when garbage collected, after Redis is stopped, and Celery
-    would retry that for a minute and more: skip it (bench.latency does this after
-    Ctrl-C only)."""
-    with contextlib.suppress(Exception):
-        backend = app.backend
-        backend._transport_options["retry_policy"] = {"max_retries": 0}
-        backend.remove_pending_result = lambda result: result
+#: Both servers retry once: the timeout calls go through the retry-by-re-enqueue path.
+RETRIES = {"retry_attempts": 1, "retry_delay": 0.2, "retry_max_delay": 0.5}
 
 
 def run(args: argparse.Namespace) -> dict[str, Any]:
@@ -483,68 +406,58 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
         "result_expires": args.result_expires,
         "worker_env": args.worker_env,
         "tracemalloc": args.tracemalloc,
-        "machine": {
-            "cpus": os.cpu_count(),
-            "python": platform.python_version(),
-            "loadavg_start": os.getloadavg(),
-        },
-        "git": lat._git_state(),
+        "machine": machine_info(),
+        "git": git_state(),
     }
     with contextlib.ExitStack() as stack:
-        redis_port = lat._free_port()
+        redis_port = free_port()
         redis_base = f"redis://127.0.0.1:{redis_port}"
-        http_port = lat._free_port()
+        http_port = free_port()
         workdir = Path(stack.enter_context(tempfile.TemporaryDirectory(prefix="mcpq-soak-")))
         config_path = workdir / "servers.yaml"
-        _write_config(config_path, http_port)
-        bench_env = lat._bench_env(redis_base, config_path, tag)
+        write_config(
+            config_path,
+            {
+                STDIO: stdio_server(**RETRIES),
+                HTTP: {"transport": "http", "url": f"http://127.0.0.1:{http_port}/mcp", **RETRIES},
+            },
+        )
+        env = bench_env(redis_base, config_path, tag)
         if args.result_expires is not None:
-            bench_env["MCPQ_RESULT_EXPIRES"] = str(args.result_expires)
-        os.environ.update(bench_env)  # before importing producer/worker (see the top)
-        from mcpq.producer.embedded_redis import EmbeddedRedis
+            env["MCPQ_RESULT_EXPIRES"] = str(args.result_expires)
+        app, settings = load_mcpq(env, "bench.soak")
         from mcpq.producer.queue import ToolQueue
-        from mcpq.worker.celery import app
-        from mcpq.worker.contract.settings import Settings
 
-        settings = Settings.from_env()
-        if app.conf.broker_url != settings.broker_url:
-            raise RuntimeError(
-                "mcpq.worker.celery.app was built before MCPQ_BROKER_URL was set: run as a program"
-            )
         concurrency = args.concurrency or settings.worker_concurrency
         report["concurrency"] = concurrency
 
-        redis_proc = stack.enter_context(EmbeddedRedis(port=redis_port))
-        if redis_proc.process is not None:
-            with contextlib.suppress(OSError):  # Ctrl-C reaches us only; we stop it in order
-                os.setpgid(redis_proc.process.pid, redis_proc.process.pid)
+        start_redis(stack, redis_port)
         tq = ToolQueue(settings, app=app)
         stack.callback(tq.close)
-        stack.callback(no_backend_retries, app)
+        # Always: a result left pending by an error would otherwise retry for a minute
+        # and more after Redis is stopped.
+        stack.callback(no_backend_retries, app, always=True)
 
-        child_env = {
-            **os.environ,
-            "PYTHONPATH": os.pathsep.join(filter(None, [str(lat.REPO_ROOT), os.environ.get("PYTHONPATH")])),
-            "PYTHONUNBUFFERED": "1",
-        }
-        http = DemoServerProcess(http_port, child_env)
+        http = DemoServerProcess(child_env(), "http", http_port)
         stack.callback(http.stop)
         http.start()
 
         # The environment `mcpq worker` gives its worker (two malloc arenas), then the experiments.
-        from mcpq.producer.cli import worker_environment
+        from mcpq.worker.start import worker_environment
 
         worker_env = {
-            **worker_environment(child_env),
+            **worker_environment(child_env()),
             "BENCH_INSTRUMENT": "0",
             "BENCH_SOAK_WORKER": "1",
             **args.worker_env,
         }
-        worker = lat.WorkerProcess(worker_env, settings.queue, concurrency)
-        worker.argv += ["--include", "bench.soak"]
+        # --include: the worker registers the probe task from this module.
+        worker = WorkerProcess(
+            worker_env, settings.queue, concurrency, extra_args=["--include", "bench.soak"]
+        )
         stack.callback(worker.stop)
         worker.start()
-        lat._wait_for_worker(app, worker)
+        wait_for_worker(app, worker)
         print(f"worker up (pid {worker.pid}, -c {concurrency}); HTTP server pid {http.pid}", file=sys.stderr)
 
         tracing = False
@@ -807,6 +720,7 @@ def main(argv: list[str] | None = None) -> int:
         "--worker-env",
         action="append",
         default=[],
+        type=key_value,
         metavar="KEY=VALUE",
         help="experiment: extra environment for the worker, e.g. MALLOC_ARENA_MAX=2 (repeatable)",
     )
@@ -816,12 +730,9 @@ def main(argv: list[str] | None = None) -> int:
         help="investigate: trace Python allocations in the worker from the end of the warm-up on "
         "(slows it, and its own memory shows in RSS)",
     )
-    parser.add_argument("--json", type=Path, help="also write the full report as JSON here")
+    add_json_option(parser)
     args = parser.parse_args(argv)
-    pairs = [item.partition("=") for item in args.worker_env]
-    if any(not sep or not key for key, sep, _ in pairs):
-        parser.error("--worker-env takes KEY=VALUE")
-    args.worker_env = {key: value for key, _, value in pairs}
+    args.worker_env = dict(args.worker_env)
     if args.calls < 1 or args.warmup < 0 or args.sample_every < 20:
         parser.error("--calls must be >= 1, --warmup >= 0, --sample-every >= 20")
 

@@ -51,7 +51,6 @@ import argparse
 import contextlib
 import datetime
 import os
-import platform
 import re
 import shlex
 import shutil
@@ -66,11 +65,21 @@ from collections import Counter
 from pathlib import Path
 from typing import Any
 
-from bench import latency as lat
-from bench.runner import run_and_report
-from bench.soak import DemoServerProcess, no_backend_retries
+from bench.environment import (
+    REPO_ROOT,
+    bench_env,
+    child_env,
+    free_port,
+    git_state,
+    load_mcpq,
+    machine_info,
+    stdio_server,
+    write_config,
+)
+from bench.harness import DemoServerProcess, WorkerProcess, no_backend_retries, start_redis
+from bench.runner import add_json_option, run_and_report
 
-# Nothing from producer/ or worker/ at module level (see bench/latency.py).
+# Nothing from producer/ or worker/ at module level (see bench/environment.py).
 
 STDIO, HTTP, SSE = "start-stdio", "start-http", "start-sse"
 ECHO = {"text": "x"}
@@ -108,10 +117,12 @@ def _logged_at(line: str, wall_offset: float) -> float | None:
     return wall - wall_offset
 
 
-class TimedWorker(lat.WorkerProcess):
+class TimedWorker(WorkerProcess):
     """``mcpq worker`` with every output line timestamped on arrival (time.monotonic())."""
 
     def __init__(self, env: dict[str, str], queue: str, argv: list[str]) -> None:
+        """``env``: its environment; ``queue``: the queue (of ``env``) it serves; ``argv``:
+        the ``mcpq worker`` command line, run instead of ``WorkerProcess``'s own."""
         super().__init__(env, queue, 0)
         self.argv = argv
         self.lines: list[tuple[float, str]] = []
@@ -126,7 +137,7 @@ class TimedWorker(lat.WorkerProcess):
         self.proc = subprocess.Popen(
             self.argv,
             env=self.env,
-            cwd=lat.REPO_ROOT,
+            cwd=REPO_ROOT,
             stdout=subprocess.PIPE,
             stderr=subprocess.STDOUT,
             stdin=subprocess.DEVNULL,
@@ -206,7 +217,7 @@ def _time_python(code: str, env: dict[str, str], runs: int) -> list[float]:
     out = []
     for _ in range(runs):
         t0 = time.perf_counter()
-        subprocess.run([sys.executable, "-c", code], env=env, cwd=lat.REPO_ROOT, check=True)
+        subprocess.run([sys.executable, "-c", code], env=env, cwd=REPO_ROOT, check=True)
         out.append(time.perf_counter() - t0)
     return out
 
@@ -216,7 +227,7 @@ def importtime_summary(env: dict[str, str], module: str, top: int = 12) -> dict[
     proc = subprocess.run(
         [sys.executable, "-X", "importtime", "-c", f"import {module}"],
         env=env,
-        cwd=lat.REPO_ROOT,
+        cwd=REPO_ROOT,
         capture_output=True,
         text=True,
         check=True,
@@ -328,15 +339,14 @@ def run_warm(
 
 
 def _write_config(path: Path, servers: int, http_port: int, sse_port: int) -> list[str]:
-    import yaml
-
-    doc: dict[str, Any] = {
-        STDIO: {"transport": "stdio", "command": sys.executable, "args": lat.DEMO_SERVER_ARGS},
+    """servers.yaml with the first ``servers`` of stdio, HTTP and SSE; their names."""
+    doc: dict[str, dict[str, Any]] = {
+        STDIO: stdio_server(),
         HTTP: {"transport": "http", "url": f"http://127.0.0.1:{http_port}/mcp"},
         SSE: {"transport": "sse", "url": f"http://127.0.0.1:{sse_port}/sse"},
     }
     chosen = list(doc)[:servers]
-    path.write_text(yaml.safe_dump({"mcp_servers": {k: doc[k] for k in chosen}}))
+    write_config(path, {k: doc[k] for k in chosen})
     return chosen
 
 
@@ -344,34 +354,26 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
     tag = uuid.uuid4().hex[:8]
     report: dict[str, Any] = {
         "runs": args.runs,
-        "machine": {
-            "cpus": os.cpu_count(),
-            "python": platform.python_version(),
-            "loadavg_start": os.getloadavg(),
-        },
-        "git": lat._git_state(),
+        "machine": machine_info(),
+        "git": git_state(),
     }
     mcpq = shutil.which("mcpq", path=os.pathsep.join([str(Path(sys.executable).parent), os.environ["PATH"]]))
     if mcpq is None:
         raise SystemExit("bench.startup: no `mcpq` console script next to this Python (pip install -e .)")
     with contextlib.ExitStack() as stack:
-        redis_port, http_port, sse_port = lat._free_port(), lat._free_port(), lat._free_port()
+        redis_port, http_port, sse_port = free_port(), free_port(), free_port()
         redis_base = f"redis://127.0.0.1:{redis_port}"
         workdir = Path(stack.enter_context(tempfile.TemporaryDirectory(prefix="mcpq-startup-")))
         config_path = workdir / "servers.yaml"
         servers = _write_config(config_path, args.servers, http_port, sse_port)
         report["servers"] = servers
-        bench_env = lat._bench_env(redis_base, config_path, tag)
-        os.environ.update(bench_env)  # before importing producer/worker
-        child_env = {
-            **os.environ,
-            "PYTHONPATH": os.pathsep.join(filter(None, [str(lat.REPO_ROOT), os.environ.get("PYTHONPATH")])),
-            "PYTHONUNBUFFERED": "1",
-        }
+        run_env = bench_env(redis_base, config_path, tag)
+        os.environ.update(run_env)  # the processes started below get it, the timed ones too
+        env = child_env()
 
         print("timing imports alone", file=sys.stderr)
         report["imports"] = {
-            label: _time_python(code, child_env, args.runs)
+            label: _time_python(code, env, args.runs)
             for label, code in (
                 ("python -c pass", "pass"),
                 ("import mcpq.worker.tasks", "import mcpq.worker.tasks"),
@@ -379,33 +381,21 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
                 ("import mcpq.worker.demo_server", "import mcpq.worker.demo_server"),
             )
         }
-        report["importtime"] = importtime_summary(child_env, "mcpq.worker.tasks")
+        report["importtime"] = importtime_summary(env, "mcpq.worker.tasks")
 
-        from mcpq.producer.embedded_redis import EmbeddedRedis
+        # Only after the import timings: this process's imports would warm the file cache.
+        app, settings = load_mcpq(run_env, "bench.startup")
         from mcpq.producer.queue import ToolQueue
-        from mcpq.worker.celery import app
-        from mcpq.worker.contract.settings import Settings
 
-        settings = Settings.from_env()
-        if app.conf.broker_url != settings.broker_url:
-            raise RuntimeError(
-                "mcpq.worker.celery.app was built before MCPQ_BROKER_URL was set: run as a program"
-            )
-        redis_proc = stack.enter_context(EmbeddedRedis(port=redis_port))
-        if redis_proc.process is not None:
-            with contextlib.suppress(OSError):
-                os.setpgid(redis_proc.process.pid, redis_proc.process.pid)
+        start_redis(stack, redis_port)
         tq = ToolQueue(settings, app=app)
         stack.callback(tq.close)
-        stack.callback(no_backend_retries, app)
-        if HTTP in servers:
-            http = DemoServerProcess(http_port, child_env, "http")
-            stack.callback(http.stop)
-            http.start()
-        if SSE in servers:
-            sse = DemoServerProcess(sse_port, child_env, "sse")
-            stack.callback(sse.stop)
-            sse.start()
+        stack.callback(no_backend_retries, app, always=True)
+        for name, transport, port in ((HTTP, "http", http_port), (SSE, "sse", sse_port)):
+            if name in servers:
+                server = DemoServerProcess(env, transport, port)
+                stack.callback(server.stop)
+                server.start()
 
         argv = [mcpq, "worker", *args.worker_args]
         report["command"] = " ".join(["mcpq", "worker", *args.worker_args])
@@ -413,7 +403,7 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
         warm: list[dict[str, Any]] = []
         for i in range(args.runs):
             _flush(redis_base)
-            queued.append(run_queued(tq, argv, child_env, settings.queue, servers))
+            queued.append(run_queued(tq, argv, env, settings.queue, servers))
             q = queued[-1]["events"]
             print(
                 f"run {i + 1}/{args.runs} queued at start: first result {q['result'] * 1000:.0f} ms "
@@ -421,7 +411,7 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
                 file=sys.stderr,
             )
             _flush(redis_base)
-            warm.append(run_warm(tq, argv, child_env, settings.queue, servers, args.steady))
+            warm.append(run_warm(tq, argv, env, settings.queue, servers, args.steady))
             w = warm[-1]
             print(
                 f"run {i + 1}/{args.runs} after warm-up: first call "
@@ -575,7 +565,7 @@ def main(argv: list[str] | None = None) -> int:
         help="experiment: more arguments for `mcpq worker` (one string, shell-split); Celery's own "
         "options go after '--', e.g. --worker-args='-- --without-mingle'",
     )
-    parser.add_argument("--json", type=Path, help="also write the full report as JSON here")
+    add_json_option(parser)
     args = parser.parse_args(argv)
     args.worker_args = shlex.split(args.worker_args)
     if args.runs < 1:

@@ -52,45 +52,50 @@ import asyncio
 import contextlib
 import json
 import os
-import platform
-import signal
-import socket
 import statistics
-import subprocess
 import sys
 import tempfile
 import time
 import uuid
 from collections import deque
-from collections.abc import Callable, Iterator
+from collections.abc import Callable
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 import psutil
 
-from bench.latency import (
-    REPO_ROOT,
+from bench.cpu import CpuMeter, cpu_seconds
+from bench.environment import (
+    bench_env,
+    child_env,
+    free_port,
+    git_state,
+    load_mcpq,
+    machine_info,
+    stdio_params,
+    stdio_server,
+    write_config,
+)
+from bench.harness import (
+    DemoServerProcess,
     DirectClient,
     WorkerProcess,
-    _bench_env,
-    _cmdline,
-    _free_port,
-    _git_state,
-    _no_backend_retries_after_interrupt,
-    _wait_for_worker,
+    is_demo_server,
+    no_backend_retries,
+    start_redis,
+    terminate,
+    wait_for_worker,
 )
-from bench.runner import run_and_report
+from bench.runner import add_json_option, run_and_report
 
 if TYPE_CHECKING:
-    from mcpq.producer.embedded_redis import EmbeddedRedis
     from mcpq.producer.queue import ToolQueue
 
-# As in bench/latency.py: nothing from producer/ or worker/ (nor bench.app /
-# bench.baselines, which import mcpq.worker.celery) is imported at module level; the
+# Nothing from producer/ or worker/ (nor bench.app / bench.baselines, which import
+# mcpq.worker.celery) is imported at module level (see bench/environment.py); the
 # Celery app is built from MCPQ_* at import time, so ``run`` sets them first.
 
-STDIO_ARGS = ["-m", "mcpq.worker.demo_server", "stdio"]
 MCPQ_SERVER = {"stdio": "bench-stdio", "http": "bench-http"}
 CHUNK = 200  # the baselines' fan-out publishes like mcpq's default: groups of 200...
 WINDOW = 2000  # ...at most 2,000 outstanding
@@ -157,21 +162,12 @@ CPU_CATEGORIES = ("bench", "workers", "stdio servers", "http server", "redis")
 
 
 class BenchWorker(WorkerProcess):
-    """bench.latency's worker process on ``bench.baselines`` (mcpq's app plus the
-    baseline tasks) under its own node name, so several can share a queue."""
+    """A worker on ``bench.baselines`` (mcpq's app plus the baseline tasks) under its own
+    node name, so several can share a queue."""
 
-    def __init__(
-        self, env: dict[str, str], queue: str, concurrency: int, pool: str = "threads", node: str = ""
-    ) -> None:
-        super().__init__(env, queue, concurrency, pool)
-        if node:
-            self.name = f"{node}@{platform.node() or 'localhost'}"
-        argv = list(self.argv)
-        argv[argv.index("bench.app")] = "bench.baselines"
-        argv[argv.index("-n") + 1] = self.name
-        self.argv = argv
-        self.pool = pool
-        self.concurrency = concurrency
+    def __init__(self, env: dict[str, str], queue: str, concurrency: int, pool: str, node: str) -> None:
+        """As ``WorkerProcess``; ``node``: its name before the ``@host``, unique in the run."""
+        super().__init__(env, queue, concurrency, pool, app="bench.baselines", node=node)
 
 
 class Fleet:
@@ -186,7 +182,7 @@ class Fleet:
             self.workers.append(worker)
             worker.start()
         for worker in workers:
-            _wait_for_worker(app, worker)
+            wait_for_worker(app, worker)
 
     def pids(self) -> list[int]:
         return [w.pid for w in self.workers if w.alive()]
@@ -198,96 +194,42 @@ class Fleet:
             if worker.alive():
                 with contextlib.suppress(psutil.Error):
                     servers += [
-                        p for p in psutil.Process(worker.pid).children(recursive=True) if _is_server(p)
+                        p for p in psutil.Process(worker.pid).children(recursive=True) if is_demo_server(p)
                     ]
         for worker in chosen:
             worker.stop()
             if worker in self.workers:
                 self.workers.remove(worker)
-        _terminate(servers)
+        terminate(servers)
 
-
-class HttpServer:
-    """``python -m mcpq.worker.demo_server http`` (Streamable HTTP at /mcp) on a free port."""
-
-    def __init__(self, env: dict[str, str]) -> None:
-        self.port = _free_port()
-        self.env = env
-        self.proc: subprocess.Popen[bytes] | None = None
-        fd, name = tempfile.mkstemp(prefix="mcpq-bench-http-", suffix=".log")
-        os.close(fd)
-        self.log_path = Path(name)
-
-    @property
-    def url(self) -> str:
-        return f"http://127.0.0.1:{self.port}/mcp"
-
-    @property
-    def pid(self) -> int | None:
-        return self.proc.pid if self.proc is not None else None
-
-    def start(self, timeout: float = 30.0) -> HttpServer:
-        argv = [sys.executable, "-m", "mcpq.worker.demo_server", "http", "--host", "127.0.0.1"]
-        argv += ["--port", str(self.port)]
-        with self.log_path.open("ab") as log:
-            self.proc = subprocess.Popen(
-                argv,
-                env=self.env,
-                cwd=REPO_ROOT,
-                stdout=log,
-                stderr=subprocess.STDOUT,
-                stdin=subprocess.DEVNULL,
-                start_new_session=True,
-            )
-        deadline = time.monotonic() + timeout
-        while time.monotonic() < deadline:
-            if self.proc.poll() is not None:
-                raise RuntimeError(f"the HTTP demo server exited at start:\n{self._log_tail()}")
+    def cpu_by_kind(self) -> dict[str, float]:
+        """CPU seconds of the workers alive now, their trees walked anew: their stdio servers
+        count as servers, with the CPU of children they already reaped (connect-per-call's
+        short-lived servers show up there)."""
+        out = {"workers": 0.0, "stdio servers": 0.0}
+        for root in self.pids():
             try:
-                with socket.create_connection(("127.0.0.1", self.port), timeout=0.5):
-                    return self
-            except OSError:
-                time.sleep(0.05)
-        raise RuntimeError(f"the HTTP demo server did not listen within {timeout:g}s:\n{self._log_tail()}")
-
-    def _log_tail(self) -> str:
-        try:
-            return self.log_path.read_bytes()[-4000:].decode(errors="replace")
-        except OSError:
-            return ""
-
-    def stop(self) -> None:
-        proc, self.proc = self.proc, None
-        if proc is not None:
-            if proc.poll() is None:
-                proc.send_signal(signal.SIGTERM)
-                with contextlib.suppress(subprocess.TimeoutExpired):
-                    proc.wait(5)
-            with contextlib.suppress(ProcessLookupError, PermissionError):
-                os.killpg(proc.pid, signal.SIGKILL)
-            with contextlib.suppress(subprocess.TimeoutExpired):
-                proc.wait(5)
-        with contextlib.suppress(OSError):
-            self.log_path.unlink()
+                procs = [psutil.Process(root), *psutil.Process(root).children(recursive=True)]
+            except psutil.Error:
+                continue
+            for proc in procs:
+                with contextlib.suppress(psutil.Error):
+                    t = proc.cpu_times()
+                    if is_demo_server(proc):
+                        out["stdio servers"] += t.user + t.system + t.children_user + t.children_system
+                    else:
+                        out["workers"] += t.user + t.system
+                        out["stdio servers"] += t.children_user + t.children_system
+        return out
 
 
 class DirectPool(DirectClient):
-    """bench.latency's direct client, on any server kind, with a concurrent fan-out."""
+    """The direct client, on any server kind, with a concurrent fan-out."""
 
     def __init__(self, kind: str, target: Any) -> None:
-        super().__init__()
+        """``kind``: ``stdio`` or ``http``; ``target``: what ``mcp.Client`` connects to."""
+        super().__init__(target)
         self.kind = kind
-        self.target = target
-
-    def start(self, timeout: float = 60.0) -> DirectPool:
-        before = {p.pid for p in psutil.Process().children()}
-        super().start(timeout)
-        # Only the server this client started (not the HTTP server, not another client's).
-        self.server_pids = [pid for pid in self.server_pids if pid not in before]
-        return self
-
-    def _target(self) -> Any:
-        return self.target
 
     async def _fan_out(self, spec: ToolSpec, n: int, concurrency: int) -> tuple[float, list[str]]:
         client = self.client
@@ -310,85 +252,17 @@ class DirectPool(DirectClient):
         return time.perf_counter() - started, [o for o in outcomes if o is not None]
 
     def fan_out(self, spec: ToolSpec, n: int, concurrency: int) -> tuple[float, list[str]]:
-        fut = asyncio.run_coroutine_threadsafe(self._fan_out(spec, n, concurrency), self.loop)
-        return fut.result(STALL + n)
+        """``n`` calls of ``spec``, ``concurrency`` in flight: wall time and one error per failure."""
+        return self.run(self._fan_out(spec, n, concurrency), STALL + n)
 
 
-def _is_server(proc: psutil.Process) -> bool:
-    return "mcpq.worker.demo_server" in " ".join(_cmdline(proc))
-
-
-def _terminate(procs: list[psutil.Process]) -> None:
-    alive = []
-    for proc in procs:
+def _pids_cpu(pids: list[int], category: str) -> dict[str, float]:
+    """CPU seconds of ``pids`` (with their reaped children) under ``category``; gone ones count 0."""
+    total = 0.0
+    for pid in pids:
         with contextlib.suppress(psutil.Error):
-            if proc.is_running():
-                proc.terminate()
-                alive.append(proc)
-    _, left = psutil.wait_procs(alive, timeout=5)
-    for proc in left:
-        with contextlib.suppress(psutil.Error):
-            proc.kill()
-
-
-# -- CPU accounting -------------------------------------------------------------------------
-
-
-@dataclass
-class CpuMeter:
-    """CPU seconds (user + system) by kind of process, for the processes alive now.
-
-    Worker trees are walked at every snapshot: their stdio servers count as
-    servers, with the CPU of children they already reaped (connect-per-call's
-    short-lived servers show up there)."""
-
-    bench_pid: int
-    fleet: Fleet
-    redis_pid: int | None = None
-    http_pid: int | None = None
-    extra_servers: Callable[[], list[int]] = list
-
-    def snapshot(self) -> dict[str, float]:
-        out = dict.fromkeys(CPU_CATEGORIES, 0.0)
-
-        def add(category: str, pid: int | None, reaped: bool = False) -> None:
-            if pid is None:
-                return
-            with contextlib.suppress(psutil.Error):
-                t = psutil.Process(pid).cpu_times()
-                out[category] += t.user + t.system
-                if reaped:
-                    out[category] += t.children_user + t.children_system
-
-        add("bench", self.bench_pid)
-        add("redis", self.redis_pid)
-        add("http server", self.http_pid, reaped=True)
-        for pid in self.extra_servers():
-            add("stdio servers", pid, reaped=True)
-        for root in self.fleet.pids():
-            try:
-                procs = [psutil.Process(root), *psutil.Process(root).children(recursive=True)]
-            except psutil.Error:
-                continue
-            for proc in procs:
-                with contextlib.suppress(psutil.Error):
-                    t = proc.cpu_times()
-                    if _is_server(proc):
-                        out["stdio servers"] += t.user + t.system + t.children_user + t.children_system
-                    else:
-                        out["workers"] += t.user + t.system
-                        out["stdio servers"] += t.children_user + t.children_system
-        return out
-
-    @contextlib.contextmanager
-    def measure(self, into: dict[str, float]) -> Iterator[None]:
-        before = self.snapshot()
-        try:
-            yield
-        finally:
-            after = self.snapshot()
-            for key, value in after.items():
-                into[key] = into.get(key, 0.0) + max(value - before.get(key, 0.0), 0.0)
+            total += cpu_seconds(psutil.Process(pid), reaped=True)
+    return {category: total}
 
 
 # -- one fan-out per path -------------------------------------------------------------------
@@ -519,17 +393,6 @@ def mcpq_fan_out(
 # -- the run --------------------------------------------------------------------------------
 
 
-def _write_config(path: Path, http_url: str | None) -> None:
-    import yaml
-
-    servers: dict[str, Any] = {
-        MCPQ_SERVER["stdio"]: {"transport": "stdio", "command": sys.executable, "args": STDIO_ARGS},
-    }
-    if http_url:
-        servers[MCPQ_SERVER["http"]] = {"transport": "http", "url": http_url}
-    path.write_text(yaml.safe_dump({"mcp_servers": servers}))
-
-
 def _paths_for(spec: ToolSpec, chosen: list[str] | None) -> list[str]:
     if chosen is not None:
         return [p for p in PATHS if p in chosen]
@@ -545,35 +408,21 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
         "cpc_calls": args.cpc_calls,
         "warmup": args.warmup,
         "rounds": args.rounds,
-        "machine": {
-            "cpus": os.cpu_count(),
-            "python": platform.python_version(),
-            "platform": platform.platform(),
-            "loadavg_start": os.getloadavg(),
-        },
-        "git": _git_state(),
+        "machine": machine_info(),
+        "git": git_state(),
         "tools": {},
     }
     with contextlib.ExitStack() as stack:
-        redis_port = _free_port()
+        redis_port = free_port()
         redis_base = f"redis://127.0.0.1:{redis_port}"
         workdir = Path(stack.enter_context(tempfile.TemporaryDirectory(prefix="mcpq-bench-")))
-        bench_env = _bench_env(redis_base, workdir / "servers.yaml", tag)
-        os.environ.update(bench_env)
-        # mcpq.worker.celery builds its app from MCPQ_* at import: only now may it be imported.
+        config_path = workdir / "servers.yaml"
+        app, settings = load_mcpq(bench_env(redis_base, config_path, tag), "bench.throughput")
+        # Only now, with the MCPQ_* environment set, may these (which import mcpq's app) be imported.
         import bench.baselines
         import mcpq.worker.tasks
-        from mcpq.producer.embedded_redis import EmbeddedRedis
         from mcpq.producer.queue import ToolQueue
-        from mcpq.worker.celery import app
-        from mcpq.worker.contract.settings import Settings
 
-        settings = Settings.from_env()
-        if app.conf.broker_url != settings.broker_url:
-            raise RuntimeError(
-                "mcpq.worker.celery.app was built before this run set MCPQ_BROKER_URL "
-                f"({app.conf.broker_url!r} != {settings.broker_url!r}): run bench.throughput as a program"
-            )
         assert bench.baselines.bare_call.name in app.tasks and mcpq.worker.tasks.call_tool.name in app.tasks
         from mcpq.producer import fanout
 
@@ -581,30 +430,23 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
         auto_chunk = getattr(fanout, "auto_chunk_size", None)
         report["auto_chunk_size"] = auto_chunk(args.calls) if callable(auto_chunk) else None
 
-        redis_proc: EmbeddedRedis = stack.enter_context(EmbeddedRedis(port=redis_port))
-        if redis_proc.process is not None:
-            # Its own process group, as in bench.latency: Ctrl-C reaches this process only.
-            with contextlib.suppress(OSError):
-                os.setpgid(redis_proc.process.pid, redis_proc.process.pid)
+        redis_proc = start_redis(stack, redis_port)
 
-        http: HttpServer | None = None
+        http: DemoServerProcess | None = None
         if any(spec.kind == "http" for spec in tools):
-            http = HttpServer(dict(os.environ))
+            http = DemoServerProcess(child_env(), "http")
             stack.callback(http.stop)
             http.start()
-        _write_config(workdir / "servers.yaml", http.url if http else None)
+        servers: dict[str, dict[str, Any]] = {MCPQ_SERVER["stdio"]: stdio_server()}
+        if http is not None:
+            servers[MCPQ_SERVER["http"]] = {"transport": "http", "url": http.url}
+        write_config(config_path, servers)
 
         tq = ToolQueue(settings, app=app)
         stack.callback(tq.close)
-        stack.callback(_no_backend_retries_after_interrupt, app)
+        stack.callback(no_backend_retries, app)
 
-        worker_env = {
-            **os.environ,
-            **bench_env,
-            "BENCH_INSTRUMENT": "0",  # no timeline wrappers from bench.app
-            "PYTHONPATH": os.pathsep.join(filter(None, [str(REPO_ROOT), os.environ.get("PYTHONPATH")])),
-            "PYTHONUNBUFFERED": "1",
-        }
+        worker_env = child_env({"BENCH_INSTRUMENT": "0"})  # no timeline wrappers from bench.app
         if http is not None:
             worker_env[bench.baselines.HTTP_URL_ENV] = http.url
         concurrency = args.concurrency or settings.worker_concurrency
@@ -621,13 +463,18 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
                 direct.close()
 
         stack.callback(close_directs)
-        meter = CpuMeter(
-            bench_pid=os.getpid(),
-            fleet=fleet,
-            redis_pid=redis_proc.process.pid if redis_proc.process is not None else None,
-            http_pid=http.pid if http is not None else None,
-            extra_servers=lambda: [pid for d in directs.values() for pid in d.server_pids],
+        # By kind of process; the workers' trees and the direct clients' servers (started
+        # on first use) are looked up anew at every snapshot.
+        meter = CpuMeter(CPU_CATEGORIES)
+        meter.add("bench", os.getpid())
+        if redis_proc.process is not None:
+            meter.add("redis", redis_proc.process.pid)
+        if http is not None:
+            meter.add("http server", http.pid, reaped=True)
+        meter.add_source(
+            lambda: _pids_cpu([pid for d in directs.values() for pid in d.server_pids], "stdio servers")
         )
+        meter.add_source(fleet.cpu_by_kind)
 
         main_workers: list[BenchWorker] = []
         if tools:
@@ -642,11 +489,7 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
             if kind not in directs:
                 target: Any
                 if kind == "stdio":
-                    from mcp.client.stdio import StdioServerParameters
-
-                    target = StdioServerParameters(
-                        command=sys.executable, args=STDIO_ARGS, cwd=str(REPO_ROOT)
-                    )
+                    target = stdio_params()
                 else:
                     assert http is not None
                     target = http.url
@@ -972,7 +815,7 @@ def main(argv: list[str] | None = None) -> int:
         default=1,
         help="fan-outs per path and tool, order rotating; the median calls/s is reported (default 1)",
     )
-    parser.add_argument("--json", type=Path, help="also write the full report as JSON here")
+    add_json_option(parser)
     args = parser.parse_args(argv)
     args.tools = [t for t in (s.strip() for s in args.tools.split(",")) if t]
     unknown = [t for t in args.tools if t not in TOOLS]
