@@ -30,8 +30,6 @@ from mcpq.worker.contract.errors import ConfigError
 __all__ = ["load_config", "parse_config"]
 
 _VAR_NAME_RE = re.compile(r"^[A-Za-z_][A-Za-z0-9_]*$")
-# `$$`, `${...}`, or a `${` that is never closed (reported, not passed through).
-_REF_RE = re.compile(r"\$(?:(?P<dollar>\$)|\{(?P<body>[^}]*)\}|(?P<open>\{))")
 
 
 # The keys that hold the server mapping, in each supported file shape.
@@ -308,44 +306,61 @@ class _Builder:
         return value
 
     def expand_str(self, text: str, path: Loc) -> str:
+        """``$$`` -> ``$``; ``${NAME}``, ``${env:NAME}`` and ``${NAME:-default}`` from the
+        environment, where a default may itself hold references (``${A:-${B}}``)."""
         if "$" not in text:
             return text
+        out: list[str] = []
+        i = 0
+        while i < len(text):
+            dollar = text.find("$", i)
+            if dollar < 0:
+                out.append(text[i:])
+                break
+            out.append(text[i:dollar])
+            if text.startswith("$$", dollar):
+                out.append("$")
+                i = dollar + 2
+            elif text.startswith("${", dollar):
+                end = _closing_brace(text, dollar + 2)
+                if end < 0:
+                    self.var_problem(path, "has an unterminated '${'; write '$$' for a literal '$'")
+                    return "".join(out)
+                out.append(self.reference(text[dollar + 2 : end], path))
+                i = end + 1
+            else:
+                out.append("$")
+                i = dollar + 1
+        return "".join(out)
 
-        def substitute(match: re.Match[str]) -> str:
-            if match.group("dollar"):
-                return "$"
-            if match.group("open"):
-                self.var_problem(path, "has an unterminated '${'; write '$$' for a literal '$'")
-                return ""
-            body = match.group("body")
-            name, sep, default = body.partition(":-")
-            # VS Code writes ${env:NAME}.
-            name = name.removeprefix("env:")
-            if not _VAR_NAME_RE.match(name):
-                self.var_problem(
-                    path,
-                    f"has an invalid variable reference '${{{body}}}': use ${{NAME}} or ${{NAME:-default}}, "
-                    "and '$$' for a literal '$'",
-                )
-                return ""
-            value = self.env.get(name)
-            if value:
-                return value
-            if sep:
-                return default
-            state = "is not set" if value is None else "is set but empty"
-            server, field = _where(path)
-            context = f"server '{server}', field '{field}'" if server is not None else f"field '{field}'"
-            self.problem(
+    def reference(self, body: str, path: Loc) -> str:
+        """The value of one ``${...}`` (``body`` is what stands between the braces)."""
+        name, sep, default = body.partition(":-")
+        # VS Code writes ${env:NAME}.
+        name = name.removeprefix("env:")
+        if not _VAR_NAME_RE.match(name):
+            self.var_problem(
                 path,
-                f"environment variable {name} {state} ({context}); set it or write ${{{name}:-default}}",
-                server=server,
-                field=field,
-                inline=True,
+                f"has an invalid variable reference '${{{body}}}': use ${{NAME}} or ${{NAME:-default}}, "
+                "and '$$' for a literal '$'",
             )
             return ""
-
-        return _REF_RE.sub(substitute, text)
+        value = self.env.get(name)
+        if value:
+            return value
+        if sep:
+            return self.expand_str(default, path)
+        state = "is not set" if value is None else "is set but empty"
+        server, field = _where(path)
+        context = f"server '{server}', field '{field}'" if server is not None else f"field '{field}'"
+        self.problem(
+            path,
+            f"environment variable {name} {state} ({context}); set it or write ${{{name}:-default}}",
+            server=server,
+            field=field,
+            inline=True,
+        )
+        return ""
 
     def var_problem(self, path: Loc, text: str) -> None:
         server, field = _where(path)
@@ -353,6 +368,24 @@ class _Builder:
 
 
 # --------------------------------------------------------------------------- helpers
+
+
+def _closing_brace(text: str, start: int) -> int:
+    """Index of the ``}`` that closes a ``${`` whose body starts at ``start``, or -1;
+    ``${`` inside the body (a nested default) opens a level of its own."""
+    depth = 1
+    i = start
+    while i < len(text):
+        if text.startswith("${", i):
+            depth += 1
+            i += 2
+            continue
+        if text[i] == "}":
+            depth -= 1
+            if depth == 0:
+                return i
+        i += 1
+    return -1
 
 
 def _where(path: Loc) -> tuple[str | None, str]:

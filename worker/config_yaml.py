@@ -18,6 +18,12 @@ _MAP_TAG = "tag:yaml.org,2002:map"
 _SEQ_TAG = "tag:yaml.org,2002:seq"
 _MERGE_TAG = "tag:yaml.org,2002:merge"
 
+#: Deepest nesting of lists and mappings a config file may use (real ones use about 6).
+MAX_DEPTH = 64
+#: Most values a config file may expand to: aliases (``*name``) repeat what
+#: they point to, so ~400 bytes of nested aliases can stand for billions.
+MAX_VALUES = 100_000
+
 #: A path into the document: mapping keys and list indexes.
 Loc = tuple[str | int, ...]
 
@@ -74,13 +80,16 @@ class ConfigDocument:
     def parse(cls, text: str, source: str) -> ConfigDocument:
         try:
             return cls._compose(text, source)
+        except RecursionError:
+            # PyYAML composes recursively: far deeper than MAX_DEPTH ends here, before the walk.
+            raise file_error(source, None, _too_deep()) from None
         except yaml.YAMLError as first:
             # Tab-indented JSON is valid JSON but not YAML; outside strings a
             # tab is only whitespace, so spaces keep the meaning and the lines.
             if "\t" in text and (source.endswith(".json") or text.lstrip().startswith("{")):
                 try:
                     return cls._compose(text.replace("\t", " "), source)
-                except yaml.YAMLError:
+                except (yaml.YAMLError, RecursionError):
                     pass
             raise cls._yaml_error(first, text, source) from None
 
@@ -111,6 +120,8 @@ class ConfigDocument:
             # JSON's own parser names the problem in JSON terms (a missing brace, say).
             try:
                 json.loads(text)
+            except RecursionError:
+                pass
             except json.JSONDecodeError as jexc:
                 language, line, problem = "JSON", jexc.lineno, f"{jexc.msg} (column {jexc.colno})"
             except ValueError:
@@ -142,6 +153,7 @@ class _Walker:
         self.source = source
         self.nodes = nodes
         self.checked: set[int] = set()
+        self.values = 0
 
     def fail(self, node: yaml.Node, text: str) -> ConfigError:
         return file_error(self.source, node.start_mark.line + 1, text)
@@ -149,6 +161,15 @@ class _Walker:
     def walk(
         self, node: yaml.Node, path: Loc, key_node: yaml.Node | None, seen: frozenset[int] = frozenset()
     ) -> Any:
+        self.values += 1
+        if self.values > MAX_VALUES:
+            raise self.fail(
+                node,
+                f"the file expands to more than {MAX_VALUES:,} values; YAML aliases (*name) repeat "
+                "what they point to, so nested aliases multiply (an alias bomb?)",
+            )
+        if len(path) > MAX_DEPTH:
+            raise self.fail(node, _too_deep())
         self.nodes[path] = (key_node, node)
         if isinstance(node, yaml.ScalarNode):
             value = self.loader.construct_object(node, deep=True)
@@ -190,3 +211,7 @@ class _Walker:
             key = str(key_node.value)
             out[key] = self.walk(value_node, (*path, key), key_node, seen)
         return out
+
+
+def _too_deep() -> str:
+    return f"lists and mappings are nested more than {MAX_DEPTH} levels deep"

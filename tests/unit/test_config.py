@@ -917,3 +917,58 @@ def test_summary_hides_secret_looking_args() -> None:
     published = server.summary()["args"]
     assert published == ["-y", "pkg", "--api-key", "***", "--token=***", "GITHUB_TOKEN=***", "--port", "8080"]
     assert "s3cr3t-value" not in str(server.summary())
+
+
+# --------------------------------------------------------------------------- hostile files
+
+
+@pytest.mark.parametrize(
+    ("command", "env", "expected"),
+    [
+        ("${A:-${B}}", {"B": "b"}, "b"),
+        ("${A:-${B}}", {"A": "a", "B": "b"}, "a"),
+        ("${A:-${B:-c}}/bin", {}, "c/bin"),
+        ("pre-${A:-x${B:-y}z}-post", {}, "pre-xyz-post"),
+        ("${A:-{literal}}", {}, "{literal}"),
+        ("$${A}", {}, "${A}"),
+    ],
+)
+def test_nested_defaults(command: str, env: dict[str, str], expected: str) -> None:
+    assert one(f"mcp_servers:\n  s: {{command: '{command}'}}\n", env).command == expected
+
+
+def test_nested_default_naming_a_missing_variable_names_that_variable() -> None:
+    exc = error("mcp_servers:\n  s: {command: '${A:-${B}}'}\n")
+    assert "environment variable B is not set" in str(exc)
+    assert "}" not in one("mcp_servers:\n  s: {command: '${A:-${B:-ok}}'}\n").command
+
+
+def test_unterminated_nested_reference_is_an_error() -> None:
+    assert "unterminated '${'" in str(error("mcp_servers:\n  s: {command: '${A:-${B}'}\n"))
+
+
+def test_alias_bomb_is_refused_quickly_and_says_why() -> None:
+    import time
+
+    lines = ['a0: &a0 ["x","x","x","x","x","x","x","x","x"]']
+    lines += [f"a{i}: &a{i} [" + ",".join([f"*a{i - 1}"] * 9) + "]" for i in range(1, 10)]
+    text = "\n".join(lines) + "\nmcp_servers: {}\n"
+    assert len(text) < 600  # stands for 9**10 values
+    started = time.monotonic()
+    exc = error(text)
+    assert time.monotonic() - started < 10
+    assert "alias bomb" in str(exc)
+    assert exc.code is ErrorCode.CONFIG_ERROR
+
+
+@pytest.mark.parametrize("depth", [70, 5000])
+def test_deep_nesting_is_a_config_error_not_a_recursion_error(depth: int) -> None:
+    exc = error("mcp_servers:\n  s:\n    command: x\n    args: " + "[" * depth + "]" * depth + "\n")
+    assert "nested more than 64 levels deep" in str(exc)
+
+
+def test_deep_json_file_is_a_config_error(tmp_path: Path) -> None:
+    path = tmp_path / "mcp.json"
+    path.write_text('{"mcpServers": ' + "[" * 5000 + "]" * 5000 + "}")
+    with pytest.raises(ConfigError, match="nested more than 64 levels deep"):
+        load_config(path)
