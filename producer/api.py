@@ -5,8 +5,12 @@ that runs a tool, changes fleet state or reads a call's result is *admin* and
 needs ``Authorization: Bearer $MCPQ_ADMIN_TOKEN``. With no token configured the
 admin endpoints refuse with 403 (secure by default).
 
-Like the rest of the producer this module never imports the MCP SDK: it sends
-tasks by name and reads shared state from Redis. Serve it with ``mcpq api`` or
+This module is the app factory, its two routers and their routes. The request
+and response bodies are in ``mcpq.producer.api_models``; the status of every
+error code and the error handlers are in ``mcpq.producer.api_errors``.
+
+Like the rest of the producer it never imports the MCP SDK: it sends tasks by
+name and reads shared state from Redis. Serve it with ``mcpq api`` or
 ``uvicorn --factory mcpq.producer.api:create_app``. See docs/http-api.md.
 """
 
@@ -15,25 +19,42 @@ from __future__ import annotations
 import functools
 import hmac
 import logging
-import math
 import threading
 from collections.abc import AsyncIterator, Callable, Coroutine
 from contextlib import asynccontextmanager
 from typing import Annotated, Any, TypeVar
 
 import anyio
-import redis
 from fastapi import APIRouter, Body, Depends, FastAPI, Path, Query, Request, Response
-from fastapi.encoders import jsonable_encoder
-from fastapi.exceptions import RequestValidationError
-from fastapi.responses import JSONResponse
 from fastapi.routing import APIRoute
 from fastapi.security import HTTPBearer
 from fastapi.security.utils import get_authorization_scheme_param
-from kombu.exceptions import OperationalError
-from pydantic import BaseModel, ConfigDict, Field
-from starlette.exceptions import HTTPException as StarletteHTTPException
+from pydantic import Field
 
+from mcpq.producer.api_errors import (
+    ADMIN_DISABLED,
+    UNAUTHORIZED,
+    APIError,
+    install_error_handlers,
+    result_response,
+)
+from mcpq.producer.api_models import (
+    MAX_BATCH,
+    BreakerReset,
+    BreakerStatus,
+    CallAccepted,
+    CallRequest,
+    CallsAccepted,
+    CallStatus,
+    HealthReport,
+    Reconnected,
+    ServerHealth,
+    ServerSummary,
+    SyncCallRequest,
+    ToolInfo,
+    ToolResultModel,
+    error_responses,
+)
 from mcpq.producer.queue import ToolQueue
 from mcpq.worker.contract.errors import (
     ConfigError,
@@ -44,54 +65,13 @@ from mcpq.worker.contract.errors import (
     ServerNotFoundError,
     error_class,
 )
-from mcpq.worker.contract.redact import redact_url
-from mcpq.worker.contract.result import ToolResult
 from mcpq.worker.contract.settings import Settings
+from mcpq.worker.contract.unreachable import unreachable_cause
 
 log = logging.getLogger("mcpq.api")
 
 T = TypeVar("T")
 
-#: Error codes that only the HTTP layer produces (never a ToolResult's error_code).
-UNAUTHORIZED = "unauthorized"
-ADMIN_DISABLED = "admin_disabled"
-NOT_FOUND = "not_found"
-METHOD_NOT_ALLOWED = "method_not_allowed"
-HTTP_ERROR = "http_error"
-
-#: THE mapping from error code to HTTP status, for every error body and every
-#: failed ToolResult this API returns. Unknown codes answer 500.
-STATUS_BY_CODE: dict[str, int] = {
-    ErrorCode.TOOL_NOT_FOUND: 404,
-    ErrorCode.SERVER_NOT_FOUND: 404,
-    ErrorCode.AMBIGUOUS_TOOL: 409,
-    ErrorCode.SERVER_DISABLED: 409,
-    ErrorCode.INVALID_ARGUMENTS: 422,
-    # The tool ran and answered (isError: true): the HTTP exchange succeeded,
-    # the body says success=false and carries the tool's own content in data.
-    ErrorCode.TOOL_ERROR: 200,
-    ErrorCode.RESULT_TOO_LARGE: 413,
-    ErrorCode.LIMIT_EXCEEDED: 429,
-    ErrorCode.OUTCOME_UNKNOWN: 500,
-    ErrorCode.INTERNAL_ERROR: 500,
-    ErrorCode.CONFIG_ERROR: 500,
-    ErrorCode.PROTOCOL_ERROR: 502,
-    ErrorCode.CIRCUIT_OPEN: 503,
-    ErrorCode.CONNECTION_ERROR: 503,
-    ErrorCode.TIMEOUT: 504,
-    UNAUTHORIZED: 401,
-    ADMIN_DISABLED: 403,
-    NOT_FOUND: 404,
-    METHOD_NOT_ALLOWED: 405,
-}
-
-#: Codes whose bodies carry ``details.retry_after`` (seconds): sent as Retry-After.
-RETRY_AFTER_CODES = frozenset({ErrorCode.CIRCUIT_OPEN.value, ErrorCode.LIMIT_EXCEEDED.value})
-
-#: At most this many calls in one POST /mcp/calls.
-MAX_BATCH = 1000
-#: Upper bound of every client-chosen wait, seconds.
-MAX_WAIT = 3600.0
 #: Default of GET /mcp/health's wait for a worker, seconds (at most 120).
 HEALTH_WAIT = 10.0
 #: Threads that may block waiting for results (POST /mcp/call, health) at once;
@@ -103,173 +83,7 @@ WAIT_THREADS = 200
 HIDDEN_SERVER_FIELDS = ("args",)
 
 
-def status_for(code: str | None) -> int:
-    """The HTTP status for an error code (500 for codes this table does not know)."""
-    return STATUS_BY_CODE.get(code or ErrorCode.INTERNAL_ERROR.value, 500)
-
-
-# --------------------------------------------------------------------------- models
-
-
-class ErrorBody(BaseModel):
-    """Every error this API answers with. POST /mcp/call answers with a full
-    ToolResult instead, which has the same ``error``/``error_code``/``details``."""
-
-    error: str = Field(description="What went wrong, for humans.")
-    error_code: str = Field(description="Stable code: one of DESIGN's error codes, or an HTTP-only code.")
-    details: dict[str, Any] = Field(default_factory=dict)
-
-
-class CallRequest(BaseModel):
-    """One tool call."""
-
-    model_config = ConfigDict(extra="forbid")
-
-    tool: str = Field(min_length=1, description="Tool name, or 'server/tool'.", examples=["local/add"])
-    arguments: dict[str, Any] = Field(default_factory=dict, examples=[{"a": 2, "b": 40}])
-    server: str | None = Field(default=None, min_length=1, description="Server to call (else routed).")
-    timeout: float | None = Field(
-        default=None, gt=0, le=MAX_WAIT, description="Call deadline, seconds (default: the server's)."
-    )
-    idempotency_key: str | None = Field(
-        default=None,
-        min_length=1,
-        max_length=256,
-        description="The same key with the same call within the window returns the first call's result.",
-    )
-
-
-class SyncCallRequest(CallRequest):
-    """One tool call whose result the request waits for."""
-
-    wait: float | None = Field(
-        default=None,
-        gt=0,
-        le=MAX_WAIT,
-        description="Seconds to wait for the result (default: timeout + 10). On expiry: 504 with the "
-        "task id; the call may still run, GET /mcp/calls/{id} finds it.",
-    )
-
-
-class ToolResultModel(BaseModel):
-    """The ToolResult every call ends with (worker/result.py)."""
-
-    success: bool
-    tool_name: str
-    server_name: str | None = None
-    data: dict[str, Any] | None = Field(
-        default=None, description="The MCP CallToolResult: content, structuredContent, isError."
-    )
-    error: str | None = None
-    error_code: str | None = None
-    execution_time_ms: float = 0.0
-    request_id: str | None = None
-    attempts: int = 1
-    details: dict[str, Any] = Field(default_factory=dict)
-
-
-class CallAccepted(BaseModel):
-    task_id: str
-    tool: str
-    url: str = Field(description="Where the call's state and result are: GET this (admin).")
-
-
-class CallsAccepted(BaseModel):
-    calls: list[CallAccepted]
-
-
-class CallStatus(BaseModel):
-    task_id: str
-    state: str = Field(
-        description="Celery state: PENDING (queued, or an unknown/expired id), STARTED, RETRY, "
-        "SUCCESS, FAILURE."
-    )
-    ready: bool
-    result: ToolResultModel | None = None
-
-
-class ServerSummary(BaseModel):
-    model_config = ConfigDict(extra="allow")
-
-    name: str
-    transport: str | None = None
-    url: str | None = None
-    command: str | None = None
-    enabled: bool = True
-    description: str = ""
-    protocol_version: str | None = None
-    server_info: dict[str, Any] | None = None
-    tools: int | None = Field(default=None, description="Tools discovered (null: not discovered yet).")
-    discovered_at: float | None = None
-
-
-class ToolInfo(BaseModel):
-    model_config = ConfigDict(extra="allow")
-
-    server: str
-    name: str
-    ambiguous: bool = Field(description="Several servers offer it: call it as 'server/name'.")
-    description: str | None = None
-    inputSchema: dict[str, Any] | None = None  # MCP's spelling
-
-
-class BreakerStatus(BaseModel):
-    model_config = ConfigDict(extra="allow")
-
-    state: str = Field(description="closed, open or half_open")
-    failures: int = 0
-    opened_at: float | None = None
-    next_probe_at: float | None = None
-    probe_in_flight: int = 0
-    last_error: str | None = None
-    trips: int = 0
-    in_flight: int = 0
-
-
-class BreakerReset(BaseModel):
-    server: str
-    cleared: bool = Field(description="False when the breaker was already closed.")
-    state: str = "closed"
-
-
-class Reconnected(BaseModel):
-    server: str
-    epoch: int = Field(description="Every worker reopens its sessions when it sees this epoch (~1 s).")
-
-
-class ServerHealth(BaseModel):
-    model_config = ConfigDict(extra="allow")
-
-    healthy: bool
-    latency_ms: float | None = None
-    protocol_version: str | None = None
-    error: str | None = None
-    error_code: str | None = None
-
-
-class HealthReport(BaseModel):
-    healthy: bool = Field(description="True when every reported server answered.")
-    servers: dict[str, ServerHealth]
-
-
-def _errors(*statuses: int) -> dict[int | str, dict[str, Any]]:
-    return {status: {"model": ErrorBody} for status in statuses}
-
-
 # --------------------------------------------------------------------------- state
-
-
-class APIError(Exception):
-    """An error the HTTP layer itself answers with (auth, unknown routes)."""
-
-    def __init__(
-        self, code: str, message: str, *, headers: dict[str, str] | None = None, **details: Any
-    ) -> None:
-        super().__init__(message)
-        self.code = code
-        self.message = message
-        self.headers = headers or {}
-        self.details = details
 
 
 class _State:
@@ -313,16 +127,22 @@ def _queue(request: Request) -> ToolQueue:
 QueueDep = Annotated[ToolQueue, Depends(_queue)]
 
 
-async def _blocking(request: Request, fn: Callable[..., T], *args: Any) -> T:
+async def _blocking(request: Request, fn: Callable[..., T], *args: Any, **kwargs: Any) -> T:
     """Run a call that blocks on a worker in the dedicated wait pool."""
-    return await anyio.to_thread.run_sync(functools.partial(fn, *args), limiter=_state(request).limiter)
+    return await anyio.to_thread.run_sync(
+        functools.partial(fn, *args, **kwargs), limiter=_state(request).limiter
+    )
 
 
 # --------------------------------------------------------------------------- auth
 
 
 def check_admin(token: str | None, authorization: str | None) -> None:
-    """Raise APIError unless ``authorization`` is ``Bearer <token>`` (constant-time compare)."""
+    """Raise APIError unless ``authorization`` is ``Bearer <token>`` (constant-time compare).
+
+    :param token: the configured admin token; empty or None disables admin endpoints (403).
+    :param authorization: the request's Authorization header, if any (401 unless it matches).
+    """
     if not token:
         raise APIError(
             ADMIN_DISABLED,
@@ -364,165 +184,7 @@ class AdminRoute(APIRoute):
 _bearer_scheme = HTTPBearer(auto_error=False, description="MCPQ_ADMIN_TOKEN")
 
 
-# --------------------------------------------------------------------------- error bodies
-
-
-def error_response(
-    code: str,
-    message: str,
-    details: dict[str, Any] | None = None,
-    headers: dict[str, str] | None = None,
-    status: int | None = None,
-) -> JSONResponse:
-    body = {"error": message, "error_code": code, "details": jsonable_encoder(details or {})}
-    return JSONResponse(
-        body,
-        status_code=status or status_for(code),
-        headers={**_retry_after(code, details), **(headers or {})},
-    )
-
-
-def _retry_after(code: str | None, details: dict[str, Any] | None) -> dict[str, str]:
-    if code not in RETRY_AFTER_CODES or not details:
-        return {}
-    wait = details.get("retry_after")
-    if not isinstance(wait, int | float) or isinstance(wait, bool) or not math.isfinite(wait):
-        return {}
-    return {"Retry-After": str(max(1, math.ceil(wait)))}
-
-
-def result_response(result: ToolResult) -> JSONResponse:
-    """A ToolResult as the body; the status from its error code (200 on success)."""
-    body = jsonable_encoder(result.to_dict())
-    if result.success:
-        return JSONResponse(body)
-    headers = _retry_after(result.error_code, result.details)
-    task_id = result.details.get("task_id")  # set when *we* stopped waiting: the call may still run
-    if result.error_code == ErrorCode.TIMEOUT.value and task_id:
-        headers["Location"] = f"/mcp/calls/{task_id}"
-    return JSONResponse(body, status_code=status_for(result.error_code), headers=headers)
-
-
-def _error_text(error: dict[str, Any]) -> str:
-    msg = str(error.get("msg", ""))
-    ctx = error.get("ctx") or {}
-    if error.get("type") == "json_invalid" and ctx.get("error"):
-        msg = f"{msg}: {ctx['error']}"
-    return msg
-
-
-def unreachable_cause(exc: BaseException) -> BaseException | None:
-    """The Redis or broker connection failure behind ``exc``, if any. Celery wraps
-    some (a result backend that was never reachable raises RuntimeError from
-    redis.ConnectionError), so the whole cause chain is searched."""
-    seen: set[int] = set()
-    current: BaseException | None = exc
-    while current is not None and id(current) not in seen:
-        seen.add(id(current))
-        if isinstance(current, redis.ConnectionError | redis.TimeoutError | OperationalError):
-            return current
-        current = current.__cause__ or current.__context__
-    return None
-
-
-def _install_error_handlers(app: FastAPI, settings: Settings) -> None:
-    async def on_api_error(request: Request, exc: Exception) -> Response:
-        assert isinstance(exc, APIError)
-        return error_response(exc.code, exc.message, exc.details, exc.headers)
-
-    async def on_mcp_error(request: Request, exc: Exception) -> Response:
-        assert isinstance(exc, MCPError)
-        return error_response(exc.code.value, exc.message, exc.details)
-
-    async def on_redis_error(request: Request, exc: Exception) -> Response:
-        log.warning("Redis unreachable: %s", exc)
-        return error_response(
-            ErrorCode.CONNECTION_ERROR.value,
-            f"cannot reach Redis at {redact_url(settings.redis_url)}: {exc}",
-            {"redis": redact_url(settings.redis_url)},
-        )
-
-    async def on_broker_error(request: Request, exc: Exception) -> Response:
-        log.warning("broker unreachable: %s", exc)
-        return error_response(
-            ErrorCode.CONNECTION_ERROR.value,
-            f"cannot reach the broker at {redact_url(settings.broker_url)}: {exc}",
-            {"broker": redact_url(settings.broker_url)},
-        )
-
-    async def on_validation_error(request: Request, exc: Exception) -> Response:
-        assert isinstance(exc, RequestValidationError)
-        # No "input": it may echo secrets from the request body back.
-        errors = [
-            {"loc": list(e.get("loc", ())), "msg": _error_text(e), "type": str(e.get("type", ""))}
-            for e in exc.errors()
-        ]
-        first = errors[0] if errors else {"loc": [], "msg": "invalid request"}
-        where = ".".join(str(p) for p in first["loc"]) or "request"
-        return error_response(
-            ErrorCode.INVALID_ARGUMENTS.value,
-            f"invalid request: {where}: {first['msg']}"
-            + (f" (and {len(errors) - 1} more)" if len(errors) > 1 else ""),
-            {"errors": errors},
-        )
-
-    async def on_http_error(request: Request, exc: Exception) -> Response:
-        assert isinstance(exc, StarletteHTTPException)
-        code = {404: NOT_FOUND, 405: METHOD_NOT_ALLOWED, 400: ErrorCode.INVALID_ARGUMENTS.value}.get(
-            exc.status_code, HTTP_ERROR
-        )
-        return error_response(code, str(exc.detail), headers=dict(exc.headers or {}), status=exc.status_code)
-
-    async def on_unexpected(request: Request, exc: Exception) -> Response:
-        cause = unreachable_cause(exc)
-        if cause is not None:
-            log.warning("Redis or broker unreachable: %s", cause)
-            return error_response(
-                ErrorCode.CONNECTION_ERROR.value,
-                f"cannot reach Redis or the broker ({redact_url(settings.broker_url)}): {cause}",
-                {"broker": redact_url(settings.broker_url), "redis": redact_url(settings.redis_url)},
-            )
-        log.exception("unhandled error in %s %s", request.method, request.url.path)
-        return error_response(
-            ErrorCode.INTERNAL_ERROR.value,
-            f"internal error in the mcpq HTTP API ({type(exc).__name__}); see the API server's log",
-        )
-
-    app.add_exception_handler(APIError, on_api_error)
-    app.add_exception_handler(MCPError, on_mcp_error)
-    app.add_exception_handler(redis.RedisError, on_redis_error)
-    app.add_exception_handler(OperationalError, on_broker_error)
-    app.add_exception_handler(RequestValidationError, on_validation_error)
-    app.add_exception_handler(StarletteHTTPException, on_http_error)
-    app.add_exception_handler(Exception, on_unexpected)
-
-
 # --------------------------------------------------------------------------- blocking work
-
-
-def _call_and_wait(queue: ToolQueue, body: SyncCallRequest) -> ToolResult:
-    label = f"{body.server}/{body.tool}" if body.server else body.tool
-    try:
-        handle = queue.submit(
-            body.tool,
-            body.arguments,
-            server=body.server,
-            timeout=body.timeout,
-            idempotency_key=body.idempotency_key,
-        )
-    except MCPError as exc:  # broker unreachable, idempotency key reused for another call
-        return ToolResult.failure(label, exc)
-    except Exception as exc:
-        cause = unreachable_cause(exc)
-        if cause is None:
-            raise
-        return ToolResult.failure(
-            label, MCPConnectionError(f"cannot enqueue: Redis or the broker is unreachable: {cause}")
-        )
-    try:
-        return handle.result(body.wait)
-    except MCPTimeoutError as exc:
-        return ToolResult.failure(label, exc, request_id=handle.id)
 
 
 def _call_status(queue: ToolQueue, task_id: str) -> CallStatus:
@@ -564,31 +226,31 @@ admin = APIRouter(
     tags=["admin (bearer token)"],
     route_class=AdminRoute,
     dependencies=[Depends(_bearer_scheme)],
-    responses=_errors(401, 403),
+    responses=error_responses(401, 403),
 )
 
 
-@public.get("/servers", response_model=list[ServerSummary], responses=_errors(503))
+@public.get("/servers", response_model=list[ServerSummary], responses=error_responses(503))
 def list_servers(queue: QueueDep) -> list[dict[str, Any]]:
     """Every server the fleet knows (published to Redis by the workers)."""
     rows = queue.servers()
     return [{k: v for k, v in row.items() if k not in HIDDEN_SERVER_FIELDS} for row in rows]
 
 
-@public.get("/servers/{name}/tools", response_model=list[ToolInfo], responses=_errors(404, 503))
+@public.get("/servers/{name}/tools", response_model=list[ToolInfo], responses=error_responses(404, 503))
 def list_server_tools(name: ServerName, queue: QueueDep) -> list[dict[str, Any]]:
     """The tools one server offers (404 ``server_not_found`` for an unknown server)."""
     _known_server(queue, name)
     return queue.tools(name)
 
 
-@public.get("/tools", response_model=list[ToolInfo], responses=_errors(503))
+@public.get("/tools", response_model=list[ToolInfo], responses=error_responses(503))
 def list_tools(queue: QueueDep) -> list[dict[str, Any]]:
     """Every tool of every server; ``ambiguous`` ones must be called as ``server/tool``."""
     return queue.tools()
 
 
-@public.get("/health", response_model=HealthReport, responses=_errors(404, 503))
+@public.get("/health", response_model=HealthReport, responses=error_responses(404, 503))
 async def health(
     request: Request,
     server: Annotated[str | None, Query(min_length=1, description="Only this server.")] = None,
@@ -599,7 +261,7 @@ async def health(
     return await _blocking(request, _health, _queue(request), server, wait)
 
 
-@public.get("/circuit-breakers", response_model=dict[str, BreakerStatus], responses=_errors(503))
+@public.get("/circuit-breakers", response_model=dict[str, BreakerStatus], responses=error_responses(503))
 def list_breakers(queue: QueueDep) -> dict[str, dict[str, Any]]:
     """Every known server's circuit breaker, shared by the whole fleet."""
     return queue.breakers()
@@ -609,7 +271,7 @@ def list_breakers(queue: QueueDep) -> dict[str, dict[str, Any]]:
     "/call",
     response_model=ToolResultModel,
     responses={
-        **_errors(422, 503),
+        **error_responses(422, 503),
         404: {"model": ToolResultModel, "description": "tool_not_found / server_not_found"},
         409: {"model": ToolResultModel, "description": "ambiguous_tool / server_disabled"},
         413: {"model": ToolResultModel, "description": "result_too_large"},
@@ -622,7 +284,18 @@ def list_breakers(queue: QueueDep) -> dict[str, dict[str, Any]]:
 async def call_tool(request: Request, body: SyncCallRequest) -> Response:
     """Call a tool and wait for its ToolResult. The status follows ``error_code``
     (see STATUS_BY_CODE); a ``tool_error`` is 200 with ``success: false``."""
-    result = await _blocking(request, _call_and_wait, _queue(request), body)
+    # ToolQueue.call makes a failure to enqueue or a wait that ran out a failed
+    # ToolResult too; on a timeout its details.task_id becomes the Location.
+    result = await _blocking(
+        request,
+        _queue(request).call,
+        body.tool,
+        body.arguments,
+        server=body.server,
+        timeout=body.timeout,
+        idempotency_key=body.idempotency_key,
+        wait=body.wait,
+    )
     return result_response(result)
 
 
@@ -632,7 +305,7 @@ CallsBody = Annotated[
 ]
 
 
-@admin.post("/calls", status_code=202, response_model=CallsAccepted, responses=_errors(422, 503))
+@admin.post("/calls", status_code=202, response_model=CallsAccepted, responses=error_responses(422, 503))
 def enqueue_calls(body: CallsBody, queue: QueueDep, response: Response) -> CallsAccepted:
     """Enqueue one call or a list of calls and return their ids at once (202).
     Every call is validated before any is enqueued."""
@@ -654,6 +327,8 @@ def enqueue_calls(body: CallsBody, queue: QueueDep, response: Response) -> Calls
                 if cause is None:
                     raise
                 exc = MCPConnectionError(f"cannot enqueue: Redis or the broker is unreachable: {cause}")
+            # Which call failed and which were already enqueued: the client must
+            # not resubmit those (they will run).
             raise type(exc)(
                 f"{exc.message} (call {index}; {len(enqueued)} earlier calls were enqueued)",
                 details={**exc.details, "index": index, "enqueued": enqueued},
@@ -672,13 +347,15 @@ def get_call(task_id: Annotated[str, Path(min_length=1, max_length=256)], queue:
     return _call_status(queue, task_id)
 
 
-@admin.post("/circuit-breakers/{name}/reset", response_model=BreakerReset, responses=_errors(404, 503))
+@admin.post(
+    "/circuit-breakers/{name}/reset", response_model=BreakerReset, responses=error_responses(404, 503)
+)
 def reset_breaker(name: ServerName, queue: QueueDep) -> BreakerReset:
     """Close a server's breaker for the whole fleet."""
     return BreakerReset(server=name, cleared=queue.reset_breaker(name))
 
 
-@admin.post("/servers/{name}/reconnect", response_model=Reconnected, responses=_errors(404, 503))
+@admin.post("/servers/{name}/reconnect", response_model=Reconnected, responses=error_responses(404, 503))
 def reconnect_server(name: ServerName, queue: QueueDep) -> Reconnected:
     """Make every worker drop and reopen its sessions to the server (within ~1 s)."""
     answer = queue.reconnect(name)
@@ -689,9 +366,13 @@ def reconnect_server(name: ServerName, queue: QueueDep) -> Reconnected:
 
 
 def create_app(queue: ToolQueue | None = None, settings: Settings | None = None) -> FastAPI:
-    """The HTTP API. ``queue`` defaults to a ToolQueue built (on first use) from
-    ``settings``, which default to ``queue.settings`` or the MCPQ_* environment.
-    The admin token is ``settings.admin_token``."""
+    """The HTTP API (the factory ``uvicorn --factory mcpq.producer.api:create_app`` runs).
+
+    :param queue: the ToolQueue to serve; default: one built on first use from ``settings``,
+        and closed when the app shuts down.
+    :param settings: default: ``queue.settings``, else the MCPQ_* environment. The admin
+        token is ``settings.admin_token``.
+    """
     settings = settings or (queue.settings if queue is not None else Settings.from_env())
     state = _State(queue, settings)
 
@@ -710,14 +391,18 @@ def create_app(queue: ToolQueue | None = None, settings: Settings | None = None)
         lifespan=lifespan,
     )
     app.state.mcpq = state
-    _install_error_handlers(app, settings)
+    install_error_handlers(app, settings)
     app.include_router(public)
     app.include_router(admin)
     return app
 
 
 def serve(host: str, port: int) -> None:
-    """``mcpq api``: serve the app with uvicorn until interrupted."""
+    """``mcpq api``: serve the app with uvicorn until interrupted.
+
+    :param host: the interface to listen on.
+    :param port: the TCP port to listen on.
+    """
     import uvicorn
 
     try:

@@ -24,7 +24,9 @@ from typing import IO, Any
 
 import click
 
-from mcpq.producer.fanout import DEFAULT_WINDOW, Call
+from mcpq.producer import fanout
+from mcpq.producer.calls import Call
+from mcpq.producer.fanout_options import DEFAULT_WINDOW
 from mcpq.worker.contract.errors import ErrorCode, InvalidArgumentsError, MCPConnectionError
 from mcpq.worker.contract.result import ToolResult
 from mcpq.worker.contract.task_names import MAX_CHUNK_CALLS
@@ -309,8 +311,6 @@ def run_batch(
     """The body of ``mcpq batch``; raises ResultsFileError for a bad --out file.
     ``queue`` is a ToolQueue (or a callable returning one, called only if
     some line needs the broker)."""
-    from mcpq.producer import fanout
-
     state = read_results(out_path)
     call_lines = [number for number, _ in iter_input(calls_path)]
     strangers = sorted(set(state.answered) - set(call_lines))

@@ -11,7 +11,7 @@ import logging
 import time
 import uuid
 from collections.abc import Iterable, Iterator, Mapping
-from typing import TYPE_CHECKING, Any
+from typing import Any, Unpack
 
 import redis
 from celery import Celery
@@ -19,6 +19,14 @@ from celery.exceptions import TimeoutError as CeleryTimeoutError
 from celery.result import AsyncResult
 from kombu.exceptions import OperationalError
 
+from mcpq.producer import fanout
+from mcpq.producer.calls import Call
+from mcpq.producer.fanout import FanOutHandle
+from mcpq.producer.fanout_options import FanOutOptions
+
+# Shared with fan-out (producer/engine.py); still importable from here.
+from mcpq.producer.publish_policy import PUBLISH_RETRY as PUBLISH_RETRY
+from mcpq.producer.publish_policy import RESULT_GRACE as RESULT_GRACE
 from mcpq.worker.contract.app import make_app
 from mcpq.worker.contract.breaker_state import breaker_status, reset_breaker
 from mcpq.worker.contract.errors import (
@@ -36,15 +44,7 @@ from mcpq.worker.contract.settings import Settings
 from mcpq.worker.contract.task_names import CALL_TOOL, DISCOVER, HEALTH
 from mcpq.worker.contract.unreachable import exception_chain, is_unreachable
 
-if TYPE_CHECKING:
-    from mcpq.producer.fanout import Call, FanOutHandle, ProgressCallback
-
-#: Extra wait beyond the call's own deadline: queueing, connect, result write.
 log = logging.getLogger(__name__)
-
-RESULT_GRACE = 10.0
-#: Publishing retries: enough to ride out a blip, not to hang a caller.
-PUBLISH_RETRY = {"max_retries": 3, "interval_start": 0.1, "interval_step": 0.2, "interval_max": 0.5}
 
 
 def _root(exc: BaseException) -> BaseException:
@@ -233,8 +233,23 @@ class ToolQueue:
         queue: str | None = None,
         wait: float | None = None,
     ) -> ToolResult:
-        """Submit and wait. Always returns a ToolResult: failures to enqueue or
-        to hear back within ``wait`` seconds come back as failed results too."""
+        """Submit and wait. Always returns a ToolResult: failures to enqueue
+        (``connection_error`` for an unreachable broker or Redis,
+        ``invalid_arguments`` for an idempotency key reused for another call) or
+        to hear back within ``wait`` seconds (``timeout``) come back as failed
+        results too. A timed-out result names the task in ``request_id`` and
+        ``details.task_id``: the call may still run, and ``get`` finds it.
+        Losing the result backend *while* waiting raises (that is neither).
+
+        :param tool: the tool's name, or ``server/tool``.
+        :param arguments: the tool's arguments.
+        :param server: the server to call (else the tool's name routes it).
+        :param timeout: the call's deadline on the worker, seconds (default: the server's).
+        :param request_id: the task id to use (default: a new UUID).
+        :param idempotency_key: the same key and call within the window get the first call's result.
+        :param queue: the Celery queue, overriding MCPQ_QUEUE.
+        :param wait: seconds to wait for the result (default: ``timeout`` plus RESULT_GRACE).
+        """
         label = tool if server is None else f"{server}/{tool}"
         try:
             handle = self.submit(
@@ -246,9 +261,26 @@ class ToolQueue:
                 idempotency_key=idempotency_key,
                 queue=queue,
             )
-            return handle.result(wait)
-        except (MCPConnectionError, MCPTimeoutError, InvalidArgumentsError) as exc:
+        except (MCPConnectionError, InvalidArgumentsError) as exc:
             return ToolResult.failure(label, exc, request_id=request_id)
+        except Exception as exc:
+            # submit already turns an unreachable broker into MCPConnectionError;
+            # a lost connection that still escapes it (wrapped by a library) is
+            # the same failure to enqueue, not a bug to raise.
+            if not is_unreachable(exc):
+                raise
+            unreachable = MCPConnectionError(
+                f"cannot enqueue: Redis or the broker is unreachable: {_root(exc)}"
+            )
+            return ToolResult.failure(label, unreachable, request_id=request_id)
+        try:
+            return handle.result(wait)
+        except MCPTimeoutError as exc:
+            # The task id lets the caller (and the HTTP API's Location header)
+            # find the call later; an explicit request_id stays as the caller gave it.
+            return ToolResult.failure(
+                label, exc, request_id=request_id if request_id is not None else handle.id
+            )
 
     def get(self, task_id: str, tool: str = "?") -> CallHandle:
         """A handle for a call submitted earlier (by id)."""
@@ -342,7 +374,9 @@ class ToolQueue:
             self._redis.close()
 
     # -- many calls at once (producer/fanout.py) -------------------------------------
-    # Thin delegations; fanout is imported when used (it imports this module).
+    # Thin delegations. ``options`` are the fan-out keyword options, declared once
+    # in producer/fanout_options.py: ``on_progress``, ``chunk_size``, ``window``,
+    # ``queue``, ``stall_timeout`` (meanings and defaults: ``FanOutConfig``).
     def map(
         self,
         tool: str,
@@ -350,94 +384,40 @@ class ToolQueue:
         *,
         server: str | None = None,
         timeout: float | None = None,
-        on_progress: ProgressCallback | None = None,
-        chunk_size: int | None = None,
-        window: int | None = None,
-        queue: str | None = None,
-        stall_timeout: float | None = None,
+        **options: Unpack[FanOutOptions],
     ) -> list[ToolResult]:
         """``tool`` once per dict in ``arguments`` (an iterable), packed into
         chunk tasks; one ToolResult per call, in input order. A failed call never
-        fails the batch. ``on_progress(Progress)`` runs after every result;
+        fails the batch. ``server`` and ``timeout`` apply to every call.
+        ``options``: ``on_progress(Progress)`` runs after every result;
         ``chunk_size`` is calls per task (None: ``fanout.auto_chunk_size``; 1:
         one task per call); ``window`` caps calls outstanding at once (None: the
-        default, ``fanout.DEFAULT_WINDOW``; 0: no cap)."""
-        from mcpq.producer import fanout
-
-        return fanout.map_calls(
-            self,
-            tool,
-            arguments,
-            server=server,
-            timeout=timeout,
-            on_progress=on_progress,
-            chunk_size=chunk_size,
-            window=window,
-            queue=queue,
-            stall_timeout=stall_timeout,
-        )
+        default, ``fanout.DEFAULT_WINDOW``; 0: no cap); ``queue`` overrides
+        MCPQ_QUEUE; ``stall_timeout`` ends calls after that long without
+        progress. Defaults in full: ``fanout.FanOutConfig``."""
+        return fanout.map_calls(self, tool, arguments, server=server, timeout=timeout, **options)
 
     def fan_out(
-        self,
-        calls: Iterable[Call | Mapping[str, Any]],
-        *,
-        on_progress: ProgressCallback | None = None,
-        chunk_size: int | None = None,
-        window: int | None = None,
-        queue: str | None = None,
-        stall_timeout: float | None = None,
+        self, calls: Iterable[Call | Mapping[str, Any]], **options: Unpack[FanOutOptions]
     ) -> list[ToolResult]:
         """Run ``calls`` (an iterable of ``fanout.Call`` or ``{"tool", "arguments",
-        "server", "timeout"}`` dicts); one ToolResult per call, in input order."""
-        from mcpq.producer import fanout
-
-        return fanout.fan_out(
-            self,
-            calls,
-            on_progress=on_progress,
-            chunk_size=chunk_size,
-            window=window,
-            queue=queue,
-            stall_timeout=stall_timeout,
-        )
+        "server", "timeout"}`` dicts); one ToolResult per call, in input order.
+        ``options`` as for :meth:`map`."""
+        return fanout.fan_out(self, calls, **options)
 
     def as_completed(
-        self,
-        calls: Iterable[Call | Mapping[str, Any]],
-        *,
-        on_progress: ProgressCallback | None = None,
-        chunk_size: int | None = None,
-        window: int | None = None,
-        queue: str | None = None,
-        stall_timeout: float | None = None,
+        self, calls: Iterable[Call | Mapping[str, Any]], **options: Unpack[FanOutOptions]
     ) -> Iterator[tuple[int, ToolResult]]:
-        """Iterator of ``(index, ToolResult)`` as calls finish, every index once."""
-        from mcpq.producer import fanout
-
-        return fanout.as_completed(
-            self,
-            calls,
-            on_progress=on_progress,
-            chunk_size=chunk_size,
-            window=window,
-            queue=queue,
-            stall_timeout=stall_timeout,
-        )
+        """Iterator of ``(index, ToolResult)`` as ``calls`` (as for
+        :meth:`fan_out`) finish, every index once. ``options`` as for :meth:`map`."""
+        return fanout.as_completed(self, calls, **options)
 
     def submit_many(
-        self,
-        calls: Iterable[Call | Mapping[str, Any]],
-        *,
-        chunk_size: int | None = None,
-        window: int | None = 0,
-        queue: str | None = None,
-        stall_timeout: float | None = None,
+        self, calls: Iterable[Call | Mapping[str, Any]], **options: Unpack[FanOutOptions]
     ) -> FanOutHandle:
-        """Publish a batch and return a ``fanout.FanOutHandle`` at once (``.ids``,
-        ``.results()``, ``.iter_completed()``); every call is published before
-        this returns unless ``window`` is set."""
-        from mcpq.producer import fanout
-
-        return fanout.submit_many(
-            self, calls, chunk_size=chunk_size, window=window, queue=queue, stall_timeout=stall_timeout
-        )
+        """Publish ``calls`` (as for :meth:`fan_out`) and return a
+        ``fanout.FanOutHandle`` at once (``.ids``, ``.results()``,
+        ``.iter_completed()``). ``options`` as for :meth:`map`, except that
+        ``window`` defaults to 0 here: every call is published before this
+        returns unless ``window`` is set."""
+        return fanout.submit_many(self, calls, **options)

@@ -12,7 +12,8 @@ from typing import Any
 import pytest
 import redis
 
-from mcpq.producer.fanout import Call, FanOutHandle
+from mcpq.producer.calls import Call
+from mcpq.producer.fanout import FanOutHandle
 from mcpq.worker.contract.task_names import CALL_CHUNK, MAX_CHUNK_CALLS
 from tests.support.procs import read_count
 from tests.support.stack import TINY_BUDGETS, Stack, stdio_server

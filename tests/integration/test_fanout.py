@@ -13,8 +13,9 @@ from typing import Any
 
 import pytest
 
-from mcpq.producer import fanout
-from mcpq.producer.fanout import Call, FanOutHandle, Progress
+from mcpq.producer.calls import Call, Progress
+from mcpq.producer.collector import PendingCall, ResultCollector
+from mcpq.producer.fanout import FanOutHandle
 from mcpq.producer.queue import ToolQueue
 from tests.support.procs import REPO_ROOT, read_count
 from tests.support.stack import stdio_server
@@ -158,26 +159,26 @@ def test_lost_pushes_and_no_push_backends_fall_back_to_sweeps(
 ) -> None:
     stack = make_stack({"local": stdio_server(count_dir)})
     stack.start_worker()
-    original_add = fanout._Collector.add
+    original_add = ResultCollector.add
 
-    def lose_every_third(self: fanout._Collector, slot: fanout._Slot) -> None:
+    def lose_every_third(self: ResultCollector, slot: PendingCall) -> None:
         if slot.index % 3 == 0:  # as if its result message never arrived
             self._pending[str(slot.result.id)] = slot
         else:
             original_add(self, slot)
 
-    monkeypatch.setattr(fanout._Collector, "add", lose_every_third)
+    monkeypatch.setattr(ResultCollector, "add", lose_every_third)
     results = stack.queue.map("add", [{"a": i, "b": 1} for i in range(30)], timeout=30)
     assert [r.structured for r in results] == [{"result": i + 1} for i in range(30)]
-    monkeypatch.setattr(fanout._Collector, "add", original_add)
+    monkeypatch.setattr(ResultCollector, "add", original_add)
 
-    original_init = fanout._Collector.__init__
+    original_init = ResultCollector.__init__
 
-    def no_push(self: fanout._Collector, app: Any) -> None:
+    def no_push(self: ResultCollector, app: Any) -> None:
         original_init(self, app)
         self._consumer = None  # a backend without pub/sub: MGET polling only
 
-    monkeypatch.setattr(fanout._Collector, "__init__", no_push)
+    monkeypatch.setattr(ResultCollector, "__init__", no_push)
     results = stack.queue.map("add", [{"a": i, "b": 2} for i in range(60)], timeout=30, chunk_size=25)
     assert [r.structured for r in results] == [{"result": i + 2} for i in range(60)]
 

@@ -17,11 +17,13 @@ import pytest
 import redis
 from fastapi.testclient import TestClient
 
-from mcpq.producer.api import STATUS_BY_CODE, create_app, result_response, unreachable_cause
+from mcpq.producer.api import create_app
+from mcpq.producer.api_errors import STATUS_BY_CODE, result_response
 from mcpq.producer.queue import ToolQueue
 from mcpq.worker.contract.errors import ErrorCode
 from mcpq.worker.contract.result import ToolResult
 from mcpq.worker.contract.settings import Settings
+from mcpq.worker.contract.unreachable import unreachable_cause
 from tests.support.procs import free_port
 
 pytestmark = pytest.mark.timeout(30)
@@ -332,6 +334,62 @@ def test_redis_and_broker_unreachable_are_503(redis_url: str) -> None:
             assert body["success"] is False and body["tool_name"] == "add"
     finally:
         queue.close()
+
+
+def wrapped_unreachable() -> RuntimeError:
+    """What Celery raises when its Redis connection is gone for good."""
+    try:
+        raise RuntimeError("Retry limit exceeded while trying to reconnect") from redis.ConnectionError(
+            "Connection refused"
+        )
+    except RuntimeError as exc:
+        return exc
+
+
+def test_call_turns_a_wrapped_unreachable_enqueue_into_a_503_tool_result(
+    client: TestClient, queue: ToolQueue, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    # POST /mcp/call goes through ToolQueue.call: an enqueue that fails because a
+    # server is unreachable is a connection_error ToolResult, not an error body.
+    def unreachable_submit(*args: Any, **kwargs: Any) -> Any:
+        raise wrapped_unreachable()
+
+    monkeypatch.setattr(queue, "submit", unreachable_submit)
+    answer = client.post("/mcp/call", json={"tool": "add", "server": KNOWN}, headers=bearer())
+    body = assert_error(answer, 503, "connection_error")
+    assert body["success"] is False and body["tool_name"] == f"{KNOWN}/add"
+    assert "Connection refused" in body["error"]
+    direct = queue.call("add", server=KNOWN)
+    assert direct.error_code == "connection_error" and direct.error == body["error"]
+
+
+def test_call_raises_what_is_not_unreachable(queue: ToolQueue, monkeypatch: pytest.MonkeyPatch) -> None:
+    def buggy_submit(*args: Any, **kwargs: Any) -> Any:
+        raise RuntimeError("a bug")
+
+    monkeypatch.setattr(queue, "submit", buggy_submit)
+    with pytest.raises(RuntimeError, match="a bug"):
+        queue.call("add")
+    with TestClient(create_app(queue), raise_server_exceptions=False) as c:
+        assert_error(c.post("/mcp/call", json={"tool": "add"}, headers=bearer()), 500, "internal_error")
+
+
+def test_call_with_a_reused_idempotency_key_is_422(client: TestClient) -> None:
+    key = uuid.uuid4().hex
+    first = {"tool": f"{KNOWN}/add", "arguments": {"a": 1}, "idempotency_key": key}
+    assert client.post("/mcp/calls", json=first, headers=bearer()).status_code == 202
+    other = {**first, "arguments": {"a": 2}, "wait": 0.3}
+    body = assert_error(client.post("/mcp/call", json=other, headers=bearer()), 422, "invalid_arguments")
+    assert body["success"] is False and body["details"]["idempotency_key"] == key
+
+
+def test_queue_call_timeout_names_the_task(queue: ToolQueue) -> None:
+    timed_out = queue.call(f"{KNOWN}/add", {"a": 1}, wait=0.3)
+    assert timed_out.error_code == "timeout"
+    assert timed_out.request_id is not None and timed_out.request_id == timed_out.details["task_id"]
+    # A caller's own request id is kept as given.
+    mine = str(uuid.uuid4())
+    assert queue.call(f"{KNOWN}/add", {"a": 1}, request_id=mine, wait=0.3).request_id == mine
 
 
 def test_unreachable_cause_is_found_through_celery_wrappers() -> None:

@@ -25,8 +25,8 @@ from mcpq.producer.batch import (
     result_line,
     run_batch,
 )
+from mcpq.producer.calls import Call
 from mcpq.producer.cli import cli
-from mcpq.producer.fanout import Call
 from mcpq.worker.contract.result import ToolResult
 
 pytestmark = pytest.mark.timeout(30)

@@ -1,16 +1,26 @@
-"""mcpq.producer.fanout without a broker: call parsing, progress accounting, the
-window, result conversion, and the engine driven by a fake publisher/collector."""
+"""Fan-out without a broker (mcpq.producer.fanout and the calls, collector and
+engine modules under it): call parsing, progress accounting, the window, result
+conversion, the engine driven by a fake publisher/collector, the options."""
 
 from __future__ import annotations
 
+import ast
+import dataclasses
 import time
 from collections.abc import Iterator
+from pathlib import Path
 from typing import Any
 
 import pytest
 
-from mcpq.producer import fanout
-from mcpq.producer.fanout import Call, Progress, _Run, task_result_to_tool_result
+from mcpq.producer import calls as calls_module
+from mcpq.producer import collector as collector_module
+from mcpq.producer import engine, fanout
+from mcpq.producer.calls import Call, Progress, task_result_to_tool_result
+from mcpq.producer.collector import PendingCall, ResultCollector
+from mcpq.producer.engine import BatchRun
+from mcpq.producer.fanout_options import DEFAULT_WINDOW, SUBMIT_MANY_WINDOW, FanOutConfig, FanOutOptions
+from mcpq.producer.queue import ToolQueue
 from mcpq.worker.contract.errors import InvalidArgumentsError
 from mcpq.worker.contract.result import ToolResult
 from mcpq.worker.contract.settings import Settings
@@ -94,20 +104,20 @@ def test_task_result_conversion() -> None:
 
 
 class FakeCollector:
-    """Stands in for _Collector: publishes 'complete' in the order given by ``finish``."""
+    """Stands in for ResultCollector: publishes 'complete' in the order given by ``finish``."""
 
     def __init__(self) -> None:
-        self.pending: dict[str, fanout._Slot] = {}
+        self.pending: dict[str, PendingCall] = {}
         self.max_pending = 0
 
     def __len__(self) -> int:
         return len(self.pending)
 
-    def add(self, slot: fanout._Slot) -> None:
+    def add(self, slot: PendingCall) -> None:
         self.pending[str(slot.result.id)] = slot
         self.max_pending = max(self.max_pending, len(self.pending))
 
-    def take(self, wait: float) -> list[tuple[fanout._Slot, ToolResult]]:
+    def take(self, wait: float) -> list[tuple[PendingCall, ToolResult]]:
         # finish the two oldest outstanding calls per round, the second first
         ids = list(self.pending)[:2][::-1]
         out = []
@@ -120,13 +130,13 @@ class FakeCollector:
                 out.append((slot, ToolResult.ok(slot.label, "s", {"structuredContent": args})))
         return out
 
-    def sweep(self) -> list[tuple[fanout._Slot, ToolResult]]:
+    def sweep(self) -> list[tuple[PendingCall, ToolResult]]:
         return []
 
     def states(self) -> dict[str, str]:
         return {}
 
-    def pop_all(self) -> list[fanout._Slot]:
+    def pop_all(self) -> list[PendingCall]:
         slots = list(self.pending.values())
         self.pending.clear()
         return slots
@@ -148,19 +158,19 @@ class FakeQueue:
         self.published: list[list[str]] = []
 
 
-def make_run(calls: Any, monkeypatch: pytest.MonkeyPatch, **kw: Any) -> tuple[_Run, FakeQueue]:
+def make_run(calls: Any, monkeypatch: pytest.MonkeyPatch, **kw: Any) -> tuple[BatchRun, FakeQueue]:
     tq = FakeQueue()
-    monkeypatch.setattr(fanout, "_Collector", lambda app: FakeCollector())
+    monkeypatch.setattr(engine, "ResultCollector", lambda app: FakeCollector())
 
-    def publish(self: _Run, batch: list[tuple[int, Call]]) -> None:
+    def publish(self: BatchRun, batch: list[tuple[int, Call]]) -> None:
         tq.published.append([c.tool for _, c in batch])
         for index, call in batch:
             task_id = f"t{index}"
             fake = FakeResult(task_id, {"arguments": call.arguments})
-            self.collector.add(fanout._Slot(index, call.label, fake, None))  # type: ignore[arg-type]
+            self.collector.add(PendingCall(index, call.label, fake, None))  # type: ignore[arg-type]
         self.submitted += len(batch)
 
-    monkeypatch.setattr(_Run, "_publish", publish)
+    monkeypatch.setattr(BatchRun, "_publish", publish)
     opts: dict[str, Any] = {
         "chunk_size": None,
         "window": None,
@@ -169,7 +179,7 @@ def make_run(calls: Any, monkeypatch: pytest.MonkeyPatch, **kw: Any) -> tuple[_R
         "on_progress": None,
     }
     opts.update(kw)
-    return _Run(tq, calls, **opts), tq  # type: ignore[arg-type]
+    return BatchRun(tq, calls, FanOutConfig(**opts)), tq  # type: ignore[arg-type]
 
 
 def test_engine_window_chunks_progress_and_order(monkeypatch: pytest.MonkeyPatch) -> None:
@@ -208,24 +218,24 @@ def test_engine_generator_input_total_unknown_until_read(monkeypatch: pytest.Mon
 
 def test_engine_window_zero_publishes_everything_up_front(monkeypatch: pytest.MonkeyPatch) -> None:
     run, tq = make_run([Call("add", {"i": i}) for i in range(10)], monkeypatch, chunk_size=3, window=0)
-    run._refill()
+    run.refill()
     assert [len(c) for c in tq.published] == [10]
     assert run.exhausted and run.total == 10
 
 
 def test_engine_rounds_are_whole_chunks_up_to_the_publish_batch(monkeypatch: pytest.MonkeyPatch) -> None:
     run, tq = make_run([Call("add", {"i": i}) for i in range(1000)], monkeypatch, chunk_size=30, window=0)
-    run._refill()
+    run.refill()
     # 200 calls a round, rounded down to whole 30-call chunk tasks
     assert [len(c) for c in tq.published] == [180] * 5 + [100]
 
 
 def test_auto_chunk_size_grows_with_the_batch() -> None:
-    assert fanout.auto_chunk_size(1) == 1
-    assert fanout.auto_chunk_size(31) == 1  # a small batch: one task per call, spread over all slots
-    assert fanout.auto_chunk_size(100) == 6
-    assert fanout.auto_chunk_size(5000) == fanout.MAX_AUTO_CHUNK
-    assert fanout.auto_chunk_size(None) == fanout.MAX_AUTO_CHUNK  # a generator: length unknown
+    assert calls_module.auto_chunk_size(1) == 1
+    assert calls_module.auto_chunk_size(31) == 1  # a small batch: one task per call, spread over all slots
+    assert calls_module.auto_chunk_size(100) == 6
+    assert calls_module.auto_chunk_size(5000) == calls_module.MAX_AUTO_CHUNK
+    assert calls_module.auto_chunk_size(None) == calls_module.MAX_AUTO_CHUNK  # a generator: length unknown
 
 
 def test_engine_rejects_bad_sizes(monkeypatch: pytest.MonkeyPatch) -> None:
@@ -312,13 +322,13 @@ def ok_dict(n: int) -> dict[str, Any]:
     return ToolResult.ok("add", "s", {"structuredContent": {"n": n}}).to_dict()
 
 
-def make_collector(push: bool, n: int) -> tuple[fanout._Collector, FakeApp, list[FakeAsync]]:
+def make_collector(push: bool, n: int) -> tuple[ResultCollector, FakeApp, list[FakeAsync]]:
     app = FakeApp(push)
-    collector = fanout._Collector(app)
+    collector = ResultCollector(app)
     results = [FakeAsync(f"t{i}") for i in range(n)]
     for i, r in enumerate(results):
         r.result = ok_dict(i)
-        collector.add(fanout._Slot(i, "add", r, None))  # type: ignore[arg-type]
+        collector.add(PendingCall(i, "add", r, None))  # type: ignore[arg-type]
     return collector, app, results
 
 
@@ -333,7 +343,7 @@ def test_collector_push_path_reads_messages_without_mget() -> None:
 
 
 def test_collector_idle_sweep_finds_lost_messages(monkeypatch: pytest.MonkeyPatch) -> None:
-    monkeypatch.setattr(fanout, "IDLE_SWEEP_INTERVAL", 0.0)
+    monkeypatch.setattr(collector_module, "IDLE_SWEEP_INTERVAL", 0.0)
     collector, app, _results = make_collector(True, 3)
     app.backend.stored["t1"] = {"status": "SUCCESS", "result": ok_dict(1)}  # its message never comes
     got = collector.take(0.5)
@@ -375,3 +385,72 @@ def test_collector_close_stops_waiting() -> None:
     collector, app, _ = make_collector(True, 3)
     collector.close()
     assert len(collector) == 0 and sorted(app.backend.forgotten) == ["t0", "t1", "t2"]
+
+
+# --------------------------------------------------------------------------- options and module layout
+
+
+def test_options_and_config_declare_the_same_options() -> None:
+    # mypy catches an option FanOutConfig lacks; this catches one FanOutOptions lacks.
+    keys = FanOutOptions.__required_keys__ | FanOutOptions.__optional_keys__
+    assert keys == {f.name for f in dataclasses.fields(FanOutConfig)}
+    assert keys == {"on_progress", "chunk_size", "window", "queue", "stall_timeout"}
+
+
+def test_config_from_options_entry_point_defaults() -> None:
+    assert FanOutConfig.from_options({}) == FanOutConfig()
+    assert FanOutConfig.from_options({}, window=SUBMIT_MANY_WINDOW).window == 0
+    # an option given, even as None, wins over the entry point's default
+    assert FanOutConfig.from_options({"window": None}, window=0).window is None
+    given = FanOutConfig.from_options({"window": 7, "queue": "q"}, window=0)
+    assert given == FanOutConfig(window=7, queue="q")
+    with pytest.raises(TypeError):
+        FanOutConfig.from_options({"windw": 3})  # type: ignore[typeddict-unknown-key]
+
+
+def test_submit_many_window_defaults_to_no_limit(monkeypatch: pytest.MonkeyPatch) -> None:
+    _, tq = make_run([], monkeypatch)  # installs the fake collector and publisher
+    handle = fanout.submit_many(tq, [Call("add", {"i": i}) for i in range(450)], chunk_size=5)  # type: ignore[arg-type]
+    assert sum(len(c) for c in tq.published) == 450  # all published before it returned
+    assert handle.progress.submitted == 450
+    windowed = fanout.submit_many(tq, [Call("add", {"i": i}) for i in range(10)], window=None)  # type: ignore[arg-type]
+    assert windowed._run.window == DEFAULT_WINDOW
+    queue = ToolQueue(Settings())
+    published = queue.submit_many([Call("add", {"i": i}) for i in range(300)], chunk_size=3)
+    assert published.progress.submitted == 300
+    with pytest.raises(TypeError):
+        queue.fan_out([], windw=3)  # type: ignore[call-arg]
+
+
+def _producer_imports() -> dict[str, set[str]]:
+    """Producer module -> the producer modules it imports anywhere (at the top,
+    inside functions, under TYPE_CHECKING)."""
+    folder = Path(__file__).resolve().parents[2] / "producer"
+    modules = {p.stem for p in folder.glob("*.py")}
+    graph: dict[str, set[str]] = {m: set() for m in modules}
+    for name in modules:
+        for node in ast.walk(ast.parse((folder / f"{name}.py").read_text())):
+            targets: list[str] = []
+            if isinstance(node, ast.Import):
+                targets = [a.name for a in node.names]
+            elif isinstance(node, ast.ImportFrom) and node.module:
+                targets = [node.module] + [f"{node.module}.{a.name}" for a in node.names]
+            for target in targets:
+                parts = target.split(".")
+                if parts[:2] == ["mcpq", "producer"] and len(parts) > 2 and parts[2] in modules:
+                    graph[name].add(parts[2])
+    return graph
+
+
+def test_no_import_cycle_between_producer_modules() -> None:
+    graph = _producer_imports()
+    assert {"queue", "fanout", "engine", "collector", "calls"} <= set(graph)
+    assert "fanout" not in graph["engine"] and "queue" not in graph["fanout"]
+
+    def visit(module: str, path: list[str]) -> None:
+        for imported in graph[module]:
+            assert imported not in path, " -> ".join([*path, imported])
+            visit(imported, [*path, imported])
+
+    for module in graph:
+        visit(module, [module])
