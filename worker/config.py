@@ -8,6 +8,8 @@ YAML or the MCP SDK.
 
 from __future__ import annotations
 
+import hashlib
+import json
 import re
 from collections.abc import Iterator
 from datetime import date, datetime
@@ -265,6 +267,28 @@ class MCPServerConfig(BaseModel):
             return override.idempotent
         return self.idempotent
 
+    def target(self) -> str:
+        """What this config points at, as a short stable fingerprint: the transport
+        and URL, or the command, arguments, environment names and cwd.
+
+        Fleet memory about a server (its negotiated protocol, its published
+        tools) is valid only for the target it was learnt from: after the
+        server's URL or command changes, or while old and new workers of a
+        rolling deploy disagree, a worker must not route by another target's
+        memory. Secrets are left out (redacted first), so changing a token
+        keeps the target.
+        """
+        shape = {
+            "transport": self.transport,
+            "url": None if self.url is None else redact_url(self.url),
+            "command": self.command,
+            "args": redact_args(self.args),
+            "env_names": sorted(self.env),
+            "cwd": self.cwd,
+        }
+        digest = hashlib.sha256(json.dumps(shape, sort_keys=True).encode()).hexdigest()
+        return digest[:16]
+
     def summary(self) -> dict[str, Any]:
         """JSON-safe and secret-free: header and env names only, never values."""
         return {
@@ -280,6 +304,7 @@ class MCPServerConfig(BaseModel):
             "max_sessions": self.max_sessions,
             "header_names": sorted(self.headers),
             "env_names": sorted(self.env),
+            "target": self.target(),
         }
 
 

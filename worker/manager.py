@@ -64,9 +64,7 @@ class MCPClientManager:
         remembered = {
             name: ProtocolChoice(doc.get("mode", "auto"), doc.get("discover"))
             for name, doc in self.registry.load_protocols().items()
-            if isinstance(doc, dict)
-            and name in config.mcp_servers
-            and config.mcp_servers[name].protocol == "auto"
+            if config.mcp_servers[name].protocol == "auto"
         }
         self.pool = ConnectionPool(
             config.mcp_servers,

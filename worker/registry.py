@@ -40,15 +40,21 @@ class ToolSet:
     tools: dict[str, dict[str, Any]]
     discovered_at: float
     info: dict[str, Any] = field(default_factory=dict)
+    #: The server config's target fingerprint this was discovered from (``MCPServerConfig.target``).
+    target: str = ""
 
     def to_json(self) -> str:
-        return json.dumps({"tools": list(self.tools.values()), "discovered_at": self.discovered_at})
+        return json.dumps(
+            {"tools": list(self.tools.values()), "discovered_at": self.discovered_at, "target": self.target}
+        )
 
     @classmethod
     def from_json(cls, raw: str | bytes) -> ToolSet:
         doc = json.loads(raw)
         tools = {t["name"]: t for t in doc.get("tools", []) if isinstance(t, dict) and "name" in t}
-        return cls(tools=tools, discovered_at=float(doc.get("discovered_at", 0.0)))
+        return cls(
+            tools=tools, discovered_at=float(doc.get("discovered_at", 0.0)), target=str(doc.get("target", ""))
+        )
 
 
 class MCPServerRegistry:
@@ -124,6 +130,7 @@ class MCPServerRegistry:
         self._redis_call("publishing servers", write)
 
     def publish_discovery(self, server: str, toolset: ToolSet) -> None:
+        toolset.target = self.get(server).target()
         with self._lock:
             self._toolsets[server] = toolset
 
@@ -131,7 +138,9 @@ class MCPServerRegistry:
             pipe = self.redis.pipeline()
             pipe.set(self.keys.server_tools(server), toolset.to_json())
             if toolset.info:
-                pipe.set(self.keys.server_info(server), json.dumps(toolset.info))
+                pipe.set(
+                    self.keys.server_info(server), json.dumps({**toolset.info, "target": toolset.target})
+                )
             pipe.execute()
             names = list(self.servers)
             keys = [self.keys.tool_map, self.keys.tools_version] + [self.keys.server_tools(n) for n in names]
@@ -150,8 +159,9 @@ class MCPServerRegistry:
             current = self._toolsets.get(server)
             if current is not None:
                 current.info = info
+        shown = {**info, "target": self.get(server).target()}
         self._redis_call(
-            "publishing server info", self.redis.set, self.keys.server_info(server), json.dumps(info)
+            "publishing server info", self.redis.set, self.keys.server_info(server), json.dumps(shown)
         )
 
     def _maybe_reload(self, force: bool = False) -> None:
@@ -186,6 +196,10 @@ class MCPServerRegistry:
                 if doc is None:
                     continue
                 shared = ToolSet.from_json(doc)
+                if shared.target != self.servers[name].target():
+                    # Published by a worker whose config points this name at
+                    # another URL or command: not this server's tools.
+                    continue
                 mine = self._toolsets.get(name)
                 if mine is None or shared.discovered_at > mine.discovered_at:
                     if mine is not None:
@@ -249,17 +263,24 @@ class MCPServerRegistry:
         with self._lock:
             return [n for n in self.enabled_names() if n not in self._toolsets]
 
-    def load_protocols(self) -> dict[str, Any]:
+    def load_protocols(self) -> dict[str, dict[str, Any]]:
+        """The fleet's remembered protocol choices for the configured servers, each
+        only if it was learnt from the same target this process's config names."""
         raw = self._redis_call("loading protocol memory", self.redis.hgetall, self.keys.protocols)
-        out: dict[str, Any] = {}
+        out: dict[str, dict[str, Any]] = {}
         for k, v in (raw or {}).items():
+            name = k.decode() if isinstance(k, bytes) else k
             try:
-                out[k.decode() if isinstance(k, bytes) else k] = json.loads(v)
+                doc = json.loads(v)
             except ValueError:
                 continue
+            config = self.servers.get(name)
+            if isinstance(doc, dict) and config is not None and doc.get("target") == config.target():
+                out[name] = doc
         return out
 
     def save_protocol(self, server: str, choice: dict[str, Any]) -> None:
+        doc = {**choice, "target": self.get(server).target()}
         self._redis_call(
-            "saving protocol memory", self.redis.hset, self.keys.protocols, server, json.dumps(choice)
+            "saving protocol memory", self.redis.hset, self.keys.protocols, server, json.dumps(doc)
         )

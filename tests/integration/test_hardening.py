@@ -12,8 +12,15 @@ from pathlib import Path
 from typing import Any
 
 import pytest
+import yaml
 
-from tests.support.procs import read_count, stdio_command_for_test_server
+from tests.support.procs import (
+    read_count,
+    require_everything,
+    start_everything_server,
+    start_test_server,
+    stdio_command_for_test_server,
+)
 from tests.support.stack import Stack
 
 pytestmark = [pytest.mark.integration, pytest.mark.timeout(180)]
@@ -105,3 +112,38 @@ def test_a_stdio_server_whose_command_is_missing_fails_at_once_and_health_report
     discover = cli(stack, "discover")
     assert "Traceback" not in discover.stderr, discover.stderr
     assert "good: " in discover.stdout and "missing: FAILED" in discover.stdout
+
+
+# --------------------------------------------------------------------------- fleet memory
+
+
+def test_a_server_moved_to_another_url_is_not_spoken_to_by_the_old_urls_memory(
+    make_stack: Callable[..., Any],
+) -> None:
+    """Server ``s`` at URL A (speaks 2026-07-28), one call, worker stopped; ``s`` moved to
+    URL B (a handshake-era server offering ``get-sum``), new worker: the call must go to B
+    as B is, not by A's remembered protocol and tool list."""
+    require_everything()
+    modern = start_test_server("http")
+    handshake_era = start_everything_server()
+    try:
+        stack = make_stack({"s": {"url": modern.url, "protocol": "auto", "timeout": 20}})
+        first = stack.start_worker()
+        assert stack.queue.call("s/add", {"a": 1, "b": 2}, timeout=20).success
+        remembered = stack.state().hget(stack.queue.keys.protocols, "s")
+        assert remembered is not None and "2026-07-28" in remembered  # what A taught the fleet
+        first.stop()
+
+        stack.config_path.write_text(
+            yaml.safe_dump(
+                {"mcp_servers": {"s": {"url": handshake_era.url, "protocol": "auto", "timeout": 20}}}
+            )
+        )
+        stack.start_worker()
+        result = stack.queue.call("get-sum", {"a": 2, "b": 3}, server="s", timeout=20)
+        assert result.success, result.to_dict()
+        assert "5" in (result.text or "")
+        assert stack.queue.call("s/add", {"a": 1, "b": 2}, timeout=20).error_code == "tool_not_found"
+    finally:
+        modern.stop()
+        handshake_era.stop()

@@ -885,6 +885,7 @@ def test_summary_is_json_safe_and_names_header_and_env_keys() -> None:
         "max_sessions": 1,
         "header_names": ["Authorization"],
         "env_names": [],
+        "target": config.mcp_servers["remote"].target(),
     }
     local = config.mcp_servers["local"].summary()
     assert (local["command"], local["env_names"], local["url"]) == ("server", ["API_TOKEN"], None)
@@ -972,3 +973,22 @@ def test_deep_json_file_is_a_config_error(tmp_path: Path) -> None:
     path.write_text('{"mcpServers": ' + "[" * 5000 + "]" * 5000 + "}")
     with pytest.raises(ConfigError, match="nested more than 64 levels deep"):
         load_config(path)
+
+
+def test_target_follows_what_the_config_points_at_not_its_secrets() -> None:
+    def target(**fields: Any) -> str:
+        return MCPServerConfig(name="s", **fields).target()
+
+    http = target(url="https://a.example/mcp")
+    assert http == target(url="https://a.example/mcp", timeout=99, description="other")  # tuning: same
+    assert target(url="https://a.example/mcp?token=old") == target(url="https://a.example/mcp?token=new")
+    assert http != target(url="https://b.example/mcp")
+    assert http != target(url="https://a.example/sse", transport="sse")
+    stdio = target(command="srv", args=["--port", "1"])
+    assert stdio != target(command="srv", args=["--port", "2"])
+    assert stdio != target(command="other", args=["--port", "1"])
+    assert stdio != target(command="srv", args=["--port", "1"], env={"MODE": "x"})  # env names count
+    assert target(command="srv", env={"MODE": "x"}) == target(
+        command="srv", env={"MODE": "y"}
+    )  # values do not
+    assert stdio != target(command="srv", args=["--port", "1"], cwd="/elsewhere")

@@ -176,9 +176,13 @@ def test_publish_discovery_writes_info_when_present(
     assert client.get(keys.server_info("a")) is None
     info = {"protocol_version": "2025-06-18", "server_info": {"name": "A"}}
     registry.publish_discovery("a", toolset("add", info=info))
-    assert json.loads(client.get(keys.server_info("a"))) == info
+    target = registry.get("a").target()
+    assert json.loads(client.get(keys.server_info("a"))) == {**info, "target": target}
     registry.publish_info("a", {"protocol_version": "2025-11-25"})
-    assert json.loads(client.get(keys.server_info("a"))) == {"protocol_version": "2025-11-25"}
+    assert json.loads(client.get(keys.server_info("a"))) == {
+        "protocol_version": "2025-11-25",
+        "target": target,
+    }
     local = registry.toolset("a")
     assert local is not None
     assert local.info == {"protocol_version": "2025-11-25"}
@@ -348,15 +352,15 @@ def test_protocol_memory_round_trip(connect: Connect, keys: Keys) -> None:
     writer.save_protocol("a", {"mode": "stateless", "discover": False})
     reader = MCPServerRegistry(make_config(), connect(), keys)
     assert reader.load_protocols() == {
-        "a": {"mode": "stateless", "discover": False},
-        "b": {"mode": "2025-06-18", "discover": False},
+        "a": {"mode": "stateless", "discover": False, "target": reader.get("a").target()},
+        "b": {"mode": "2025-06-18", "discover": False, "target": reader.get("b").target()},
     }
 
 
 def test_protocol_memory_skips_garbage(registry: MCPServerRegistry, client: redis.Redis, keys: Keys) -> None:
     registry.save_protocol("a", {"mode": "legacy"})
     client.hset(keys.protocols, "b", "not json")
-    assert registry.load_protocols() == {"a": {"mode": "legacy"}}
+    assert registry.load_protocols() == {"a": {"mode": "legacy", "target": registry.get("a").target()}}
 
 
 # --------------------------------------------------------------------------- Redis unreachable
@@ -432,3 +436,50 @@ def test_toolset_json_round_trip() -> None:
         "t": {"name": "t"}
     }
     assert ToolSet.from_json("{}").discovered_at == 0.0
+
+
+# --------------------------------------------------------------------------- memory keyed by target
+
+
+def moved_config() -> MCPQConfig:
+    """The same server names, with ``a`` pointing somewhere else."""
+    config = make_config()
+    moved = config.mcp_servers["a"].model_copy(update={"args": [*config.mcp_servers["a"].args, "--moved"]})
+    return config.model_copy(update={"mcp_servers": {**config.mcp_servers, "a": moved}})
+
+
+def test_tools_published_for_another_target_are_not_this_servers(connect: Connect, keys: Keys) -> None:
+    old = MCPServerRegistry(make_config(), connect(), keys)
+    old.publish_discovery("a", toolset("old_tool"))
+    old.publish_discovery("b", toolset("shared"))
+    new = MCPServerRegistry(moved_config(), connect(), keys)
+    assert new.config.mcp_servers["a"].target() != old.config.mcp_servers["a"].target()
+    # `a` moved: the old worker's list is not routed by; `b` did not: its list is.
+    assert new.toolset("a", refresh=True) is None
+    assert "a" in new.undiscovered()
+    assert new.servers_offering("old_tool") == []
+    assert new.servers_offering("shared") == ["b"]
+    # Once the new worker discovers `a` itself, the old worker stops trusting that list in turn.
+    new.publish_discovery("a", toolset("new_tool"))
+    assert new.servers_offering("new_tool") == ["a"]
+    assert old.servers_offering("old_tool", refresh=True) == ["a"]  # its own discovery, still held
+    fresh_old = MCPServerRegistry(make_config(), connect(), keys)
+    assert fresh_old.toolset("a", refresh=True) is None
+
+
+def test_protocol_memory_of_another_target_is_forgotten(connect: Connect, keys: Keys) -> None:
+    old = MCPServerRegistry(make_config(), connect(), keys)
+    old.save_protocol("a", {"mode": "2026-07-28", "discover": {"x": 1}})
+    old.save_protocol("b", {"mode": "legacy", "discover": None})
+    new = MCPServerRegistry(moved_config(), connect(), keys)
+    assert set(new.load_protocols()) == {"b"}
+
+
+def test_memory_written_before_targets_existed_is_not_trusted(
+    registry: MCPServerRegistry, client: redis.Redis, keys: Keys
+) -> None:
+    client.hset(keys.protocols, "a", json.dumps({"mode": "2026-07-28"}))
+    client.set(keys.server_tools("a"), json.dumps({"tools": [tool("ghost")], "discovered_at": time.time()}))
+    client.incr(keys.tools_version)
+    assert registry.load_protocols() == {}
+    assert registry.servers_offering("ghost", refresh=True) == []
