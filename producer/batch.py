@@ -26,6 +26,7 @@ import click
 
 from mcpq.producer import fanout
 from mcpq.producer.calls import Call
+from mcpq.producer.cli_types import DEADLINE
 from mcpq.producer.fanout_options import DEFAULT_WINDOW
 from mcpq.worker.contract.errors import ErrorCode, InvalidArgumentsError, MCPConnectionError
 from mcpq.worker.contract.result import ToolResult
@@ -62,10 +63,7 @@ def parse_line(
     tool = "?"
     try:
         text = raw.decode("utf-8") if isinstance(raw, bytes) else raw
-        try:
-            value = json.loads(text)
-        except json.JSONDecodeError as exc:
-            raise InvalidArgumentsError(f"not valid JSON: {exc.msg} at column {exc.colno}") from None
+        value = _strict_json(text)
         if isinstance(value, dict) and isinstance(value.get("tool"), str) and value["tool"]:
             tool = value["tool"]
         return Call.from_dict(value, default_server=default_server, default_timeout=default_timeout)
@@ -80,6 +78,24 @@ def parse_line(
         error_code=ErrorCode.INVALID_ARGUMENTS.value,
         details={"line": number},
     )
+
+
+def _refuse_constant(name: str) -> Any:
+    raise InvalidArgumentsError(f"not valid JSON: {name} is not a number (RFC 8259 has no NaN or Infinity)")
+
+
+def _strict_json(text: str) -> Any:
+    """One line's JSON (RFC 8259), every way it can fail an ``InvalidArgumentsError``:
+    bad syntax, NaN/Infinity, an integer too long to convert, nesting past the
+    parser's recursion limit."""
+    try:
+        return json.loads(text, parse_constant=_refuse_constant)
+    except json.JSONDecodeError as exc:
+        raise InvalidArgumentsError(f"not valid JSON: {exc.msg} at column {exc.colno}") from None
+    except RecursionError:
+        raise InvalidArgumentsError("not valid JSON here: nested too deeply") from None
+    except ValueError as exc:  # Python's limit on integer digits (sys.set_int_max_str_digits)
+        raise InvalidArgumentsError(f"not valid JSON here: {exc}") from None
 
 
 # --------------------------------------------------------------------------- results file
@@ -406,7 +422,7 @@ def _queue() -> Any:
 @click.option(
     "--timeout",
     "-t",
-    type=click.FloatRange(min=0, min_open=True),
+    type=DEADLINE,
     help="Call deadline (s) for lines without one.",
 )
 @click.option(

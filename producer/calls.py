@@ -14,7 +14,9 @@ from typing import Any
 
 from celery import states
 
+from mcpq.worker.contract.arguments import check_arguments
 from mcpq.worker.contract.errors import ErrorCode, InvalidArgumentsError
+from mcpq.worker.contract.numbers import seconds
 from mcpq.worker.contract.result import ToolResult
 
 #: Most calls :func:`auto_chunk_size` packs into one chunk task.
@@ -79,8 +81,14 @@ class Call:
         timeout = raw.get("timeout")
         if timeout is None:
             timeout = default_timeout
-        elif isinstance(timeout, bool) or not isinstance(timeout, int | float) or not timeout > 0:
+        elif isinstance(timeout, str):
             raise InvalidArgumentsError(f"'timeout' must be a positive number of seconds, got {timeout!r}")
+        else:
+            try:
+                timeout = seconds(timeout, "'timeout'")
+            except ValueError as exc:
+                raise InvalidArgumentsError(str(exc)) from None
+        check_arguments(dict(arguments), tool)
         return cls(
             tool=tool,
             arguments=dict(arguments),

@@ -16,6 +16,7 @@ from typing import Any, NoReturn
 
 import click
 
+from mcpq.producer.cli_types import DEADLINE, WAIT
 from mcpq.worker.contract.errors import (
     ConfigError,
     MCPConnectionError,
@@ -88,7 +89,15 @@ def _redis_errors() -> tuple[type[BaseException], ...]:
     return (redis.RedisError, MCPConnectionError, MCPTimeoutError)
 
 
-@click.group(context_settings={"help_option_names": ["-h", "--help"]})
+class _Group(click.Group):
+    def invoke(self, ctx: click.Context) -> Any:
+        try:
+            return super().invoke(ctx)
+        except ConfigError as exc:  # MCPQ_* settings or the servers file: a person must fix them
+            _fail(exc.message, EXIT_USAGE)
+
+
+@click.group(cls=_Group, context_settings={"help_option_names": ["-h", "--help"]})
 @click.version_option("0.1.0", prog_name="mcpq")
 def cli() -> None:
     """mcpq: run MCP tool calls as Celery tasks.
@@ -118,12 +127,13 @@ def servers(as_json: bool) -> None:
 @click.argument("server", required=False)
 @click.option("--json", "as_json", is_flag=True, help="Print JSON for scripts.")
 @click.option("--refresh", is_flag=True, help="Ask a worker to re-discover tools first.")
-def tools(server: str | None, as_json: bool, refresh: bool) -> None:
+@click.option("--wait", type=WAIT, default=60.0, show_default=True, help="Seconds to wait for a worker.")
+def tools(server: str | None, as_json: bool, refresh: bool, wait: float) -> None:
     """List tools (of every server, or of SERVER)."""
     try:
         queue = _queue()
         if refresh:
-            queue.discover(server)
+            queue.discover(server, wait=wait)
         rows = queue.tools(server)
     except _redis_errors() as exc:
         _unreachable(exc)
@@ -144,8 +154,10 @@ def tools(server: str | None, as_json: bool, refresh: bool) -> None:
 @click.argument("tool")
 @click.argument("arguments", nargs=-1)
 @click.option("--server", "-s", help="Server to call (needed when several offer the tool).")
-@click.option("--timeout", "-t", type=float, help="Call deadline in seconds (default: the server's timeout).")
-@click.option("--wait", type=float, help="How long to wait for the result (default: deadline + 10 s).")
+@click.option(
+    "--timeout", "-t", type=DEADLINE, help="Call deadline in seconds (default: the server's timeout)."
+)
+@click.option("--wait", type=WAIT, help="How long to wait for the result (default: deadline + 10 s).")
 @click.option("--no-wait", is_flag=True, help="Enqueue and print the task id only.")
 @click.option(
     "--json", "as_json", is_flag=True, help="Print JSON (the default for call; accepted for scripts)."
@@ -183,10 +195,11 @@ def call(
 @cli.command()
 @click.argument("server", required=False)
 @click.option("--json", "as_json", is_flag=True, help="Print JSON for scripts.")
-def discover(server: str | None, as_json: bool) -> None:
+@click.option("--wait", type=WAIT, default=60.0, show_default=True, help="Seconds to wait for a worker.")
+def discover(server: str | None, as_json: bool, wait: float) -> None:
     """Ask a worker to (re)discover tools now."""
     try:
-        answer = _queue().discover(server)
+        answer = _queue().discover(server, wait=wait)
     except _redis_errors() as exc:
         _unreachable(exc)
     if as_json:
@@ -204,7 +217,7 @@ def discover(server: str | None, as_json: bool) -> None:
 @cli.command()
 @click.argument("server", required=False)
 @click.option("--json", "as_json", is_flag=True, help="Print JSON for scripts.")
-@click.option("--wait", type=float, default=60.0, show_default=True, help="Seconds to wait for a worker.")
+@click.option("--wait", type=WAIT, default=60.0, show_default=True, help="Seconds to wait for a worker.")
 def health(server: str | None, as_json: bool, wait: float) -> None:
     """Ping every enabled server (a real MCP round trip, from a worker)."""
     try:

@@ -6,6 +6,7 @@ it never imports the MCP SDK.
 
 from __future__ import annotations
 
+import contextlib
 import json
 import logging
 import time
@@ -17,7 +18,6 @@ import redis
 from celery import Celery
 from celery.exceptions import TimeoutError as CeleryTimeoutError
 from celery.result import AsyncResult
-from kombu.exceptions import OperationalError
 
 from mcpq.producer import fanout
 from mcpq.producer.calls import Call
@@ -28,6 +28,7 @@ from mcpq.producer.fanout_options import FanOutOptions
 from mcpq.producer.publish_policy import PUBLISH_RETRY as PUBLISH_RETRY
 from mcpq.producer.publish_policy import RESULT_GRACE as RESULT_GRACE
 from mcpq.worker.contract.app import make_app
+from mcpq.worker.contract.arguments import check_arguments
 from mcpq.worker.contract.breaker_state import breaker_status, reset_breaker
 from mcpq.worker.contract.errors import (
     ErrorCode,
@@ -38,17 +39,32 @@ from mcpq.worker.contract.errors import (
 )
 from mcpq.worker.contract.keys import Keys
 from mcpq.worker.contract.ledger import Ledger, ledger_message
-from mcpq.worker.contract.redact import describe_call, redact_url
+from mcpq.worker.contract.numbers import seconds
+from mcpq.worker.contract.redact import describe_call
 from mcpq.worker.contract.result import ToolResult
 from mcpq.worker.contract.settings import Settings
 from mcpq.worker.contract.task_names import CALL_TOOL, DISCOVER, HEALTH
-from mcpq.worker.contract.unreachable import exception_chain, is_unreachable
+from mcpq.worker.contract.unreachable import exception_chain, is_unreachable, unreachable_error
 
 log = logging.getLogger(__name__)
 
 
 def _root(exc: BaseException) -> BaseException:
     return exception_chain(exc)[-1]
+
+
+def release(async_result: AsyncResult) -> None:
+    """Stop listening for a result nobody will read again, now, and make its later
+    ``__del__`` a no-op. Celery unsubscribes in ``AsyncResult.__del__``, which for
+    a result kept alive by an exception's traceback runs at interpreter shutdown
+    and prints "Exception ignored ... sys.meta_path is None" after a clean exit;
+    with the backend unreachable it prints a traceback at any time."""
+    backend = async_result.backend
+    if backend is None:
+        return
+    with contextlib.suppress(Exception):  # unsubscribing from an unreachable backend
+        backend.remove_pending_result(async_result)
+    async_result.backend = None
 
 
 class CallHandle:
@@ -137,7 +153,14 @@ class ToolQueue:
         queue: str | None = None,
     ) -> CallHandle:
         """Enqueue one call and return at once. ``tool`` may be ``server/tool``;
-        ``queue`` overrides MCPQ_QUEUE (e.g. to pin calls to a worker group)."""
+        ``queue`` overrides MCPQ_QUEUE (e.g. to pin calls to a worker group).
+
+        Raises InvalidArgumentsError, before anything is sent, for arguments that
+        are not JSON the SDK can send and for a timeout that is not a positive
+        finite number of seconds."""
+        check_arguments(arguments, tool)
+        if timeout is not None:
+            timeout = self._seconds(timeout, "timeout")
         task_id = request_id or str(uuid.uuid4())
         kwargs: dict[str, Any] = {"tool": tool, "arguments": arguments or {}}
         if server is not None:
@@ -174,11 +197,7 @@ class ToolQueue:
         except Exception as exc:
             if not is_unreachable(exc):
                 raise
-            raise MCPConnectionError(
-                f"cannot reach the broker or result backend at {redact_url(self.settings.broker_url)}: "
-                f"{_root(exc)}; set MCPQ_BROKER_URL / MCPQ_RESULT_BACKEND or start Redis",
-                details={"broker": redact_url(self.settings.broker_url)},
-            ) from None
+            raise unreachable_error("broker_or_backend", self.settings.broker_url, exc) from None
         return CallHandle(async_result, label, wait_hint)
 
     @property
@@ -252,6 +271,8 @@ class ToolQueue:
         """
         label = tool if server is None else f"{server}/{tool}"
         try:
+            if wait is not None:
+                wait = self._seconds(wait, "wait", allow_zero=True)
             handle = self.submit(
                 tool,
                 arguments,
@@ -281,6 +302,8 @@ class ToolQueue:
             return ToolResult.failure(
                 label, exc, request_id=request_id if request_id is not None else handle.id
             )
+        finally:
+            release(handle._async)  # the handle never leaves this method
 
     def get(self, task_id: str, tool: str = "?") -> CallHandle:
         """A handle for a call submitted earlier (by id)."""
@@ -288,18 +311,32 @@ class ToolQueue:
 
     # -- admin tasks ---------------------------------------------------------------
     def _admin(self, name: str, wait: float, **kwargs: Any) -> dict[str, Any]:
+        wait = self._seconds(wait, "wait", allow_zero=True)
+        async_result: AsyncResult | None = None
         try:
             async_result = self.app.send_task(
                 name, kwargs=kwargs, queue=self.settings.queue, retry=True, retry_policy=PUBLISH_RETRY
             )
             out = async_result.get(timeout=wait, propagate=True)
-        except OperationalError as exc:
-            raise MCPConnectionError(f"cannot reach the broker: {exc}") from None
         except CeleryTimeoutError:
             raise MCPTimeoutError(
                 f"no worker answered {name} within {wait:g}s; is `mcpq worker` running?"
             ) from None
+        except Exception as exc:
+            if not is_unreachable(exc):
+                raise
+            raise unreachable_error("broker_or_backend", self.settings.broker_url, exc) from None
+        finally:
+            if async_result is not None:
+                release(async_result)
         return dict(out)
+
+    @staticmethod
+    def _seconds(value: Any, name: str, *, allow_zero: bool = False) -> float:
+        try:
+            return seconds(value, name, allow_zero=allow_zero)
+        except ValueError as exc:
+            raise InvalidArgumentsError(str(exc), details={"field": name}) from None
 
     def discover(self, server: str | None = None, wait: float = 60.0) -> dict[str, Any]:
         return self._admin(DISCOVER, wait, server=server)
@@ -310,8 +347,9 @@ class ToolQueue:
     def reconnect(self, server: str) -> dict[str, Any]:
         """Make every worker process drop and reopen its sessions to ``server``
         (and re-list its tools). Workers notice within about a second."""
-        self._known_server(server)
-        epoch = self.redis.hincrby(self.keys.epochs, server, 1)
+        with self._state():
+            self._known_server(server)
+            epoch = self.redis.hincrby(self.keys.epochs, server, 1)
         return {"server": server, "epoch": int(epoch)}
 
     def _known_server(self, server: str) -> None:
@@ -321,7 +359,22 @@ class ToolQueue:
             )
 
     # -- shared state (read from Redis, no worker needed) ---------------------------
+    @contextlib.contextmanager
+    def _state(self) -> Iterator[None]:
+        """Say which Redis could not be reached, and where, instead of redis-py's
+        bare "Timeout reading from socket"."""
+        try:
+            yield
+        except redis.RedisError as exc:
+            if not is_unreachable(exc):
+                raise
+            raise unreachable_error("state", self.settings.redis_url, exc) from None
+
     def servers(self) -> list[dict[str, Any]]:
+        with self._state():
+            return self._servers()
+
+    def _servers(self) -> list[dict[str, Any]]:
         raw: dict[str, str] = self.redis.hgetall(self.keys.servers)  # type: ignore[assignment]
         out = []
         for name in sorted(raw):
@@ -338,6 +391,10 @@ class ToolQueue:
         return out
 
     def tools(self, server: str | None = None) -> list[dict[str, Any]]:
+        with self._state():
+            return self._tools(server)
+
+    def _tools(self, server: str | None) -> list[dict[str, Any]]:
         names: list[str] = [server] if server else sorted(self.redis.hkeys(self.keys.servers))  # type: ignore[arg-type]
         if not names:
             return []
@@ -352,13 +409,15 @@ class ToolQueue:
 
     def breakers(self) -> dict[str, dict[str, Any]]:
         """Every known server's breaker: state, failures, opened_at, next_probe_at."""
-        names: list[str] = sorted(self.redis.hkeys(self.keys.servers))  # type: ignore[arg-type]
-        return breaker_status(self.redis, self.keys, names)
+        with self._state():
+            names: list[str] = sorted(self.redis.hkeys(self.keys.servers))  # type: ignore[arg-type]
+            return breaker_status(self.redis, self.keys, names)
 
     def reset_breaker(self, server: str) -> bool:
         """Close ``server``'s breaker for the whole fleet."""
-        self._known_server(server)
-        return reset_breaker(self.redis, self.keys, server)
+        with self._state():
+            self._known_server(server)
+            return reset_breaker(self.redis, self.keys, server)
 
     def wait_for_worker(self, timeout: float = 30.0) -> list[str]:
         """Block until at least one worker answers a ping; return their names."""

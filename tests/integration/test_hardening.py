@@ -18,6 +18,7 @@ from tests.support.procs import (
     read_count,
     require_everything,
     start_everything_server,
+    start_hang_server,
     start_test_server,
     stdio_command_for_test_server,
 )
@@ -147,3 +148,50 @@ def test_a_server_moved_to_another_url_is_not_spoken_to_by_the_old_urls_memory(
     finally:
         modern.stop()
         handshake_era.stop()
+
+
+# --------------------------------------------------------------------------- silent broker, clean exits
+
+
+def test_a_broker_that_accepts_and_never_answers_ends_in_exit_3_not_a_hang(
+    make_stack: Callable[..., Any],
+) -> None:
+    silent = start_hang_server()
+    try:
+        url = f"redis://127.0.0.1:{silent.port}"
+        stack = make_stack(
+            {},
+            broker_url=url,
+            env={"MCPQ_RESULT_BACKEND": f"{url}/1", "MCPQ_REDIS_URL": f"{url}/2", "MCPQ_SOCKET_TIMEOUT": "2"},
+        )
+        for argv in (
+            ["call", "echo", "text=x", "--timeout", "5", "--wait", "10"],
+            ["health", "--wait", "5"],
+            ["servers"],
+        ):
+            started = time.monotonic()
+            done = cli(stack, *argv, timeout=90)
+            elapsed = time.monotonic() - started
+            assert done.returncode == 3, (argv, done.stdout, done.stderr)
+            assert "Traceback" not in done.stderr, done.stderr
+            assert elapsed < 60, (argv, elapsed)
+        assert "cannot reach the state Redis at" in done.stderr and "does not reply" in done.stderr
+    finally:
+        silent.stop()
+
+
+def test_cli_exits_cleanly_when_no_worker_answers(make_stack: Callable[..., Any], count_dir: Path) -> None:
+    """A pending result used to unsubscribe at interpreter shutdown and print
+    "Exception ignored in AsyncResult.__del__" after the message."""
+    stack = make_stack({"s": stdio_entry(count_dir)})  # no worker started
+    stack.queue.redis.hset(stack.queue.keys.servers, "s", "{}")
+    for argv in (
+        ["tools", "s", "--refresh", "--wait", "1"],
+        ["health", "--wait", "1"],
+        ["discover", "--wait", "1"],
+    ):
+        done = cli(stack, *argv)
+        assert done.returncode == 3, (argv, done.stderr)
+        assert "no worker answered" in done.stderr
+        assert "Exception ignored" not in done.stderr, done.stderr
+        assert "Traceback" not in done.stderr, done.stderr

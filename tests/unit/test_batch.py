@@ -399,3 +399,26 @@ def test_cli_broker_unreachable_exits_3(tmp_path: Path) -> None:
     assert "cannot reach" in result.stderr
     assert "Traceback" not in result.output
     assert sorted(rows(out)) == [2]  # the malformed line is answered; line 1 is left for a re-run
+
+
+# --------------------------------------------------------------------------- hostile lines
+
+
+@pytest.mark.parametrize(
+    ("line", "says"),
+    [
+        ('{"tool": "add", "arguments": {"n": ' + "9" * 5000 + "}}", "digits"),
+        ('{"tool": "add", "arguments": {"deep": ' + "[" * 3000 + "]" * 3000 + "}}", "nested too deeply"),
+        ('{"tool": "add", "arguments": {"n": NaN}}', "NaN"),
+        ('{"tool": "add", "arguments": {"n": -Infinity}}', "Infinity"),
+        ('{"tool": "add", "arguments": {"n": 1e400}}', "not a JSON number"),
+        ('{"tool": "add", "timeout": 1e400}', "finite"),
+        ('{"tool": "add", "arguments": {"text": "\\ud800"}}', "lone surrogate"),
+    ],
+    ids=["huge-int", "deep", "nan", "infinity", "overflow-arg", "overflow-timeout", "surrogate"],
+)
+def test_every_bad_line_is_its_own_invalid_arguments_result(line: str, says: str) -> None:
+    result = parse_line(7, line.encode())
+    assert isinstance(result, ToolResult)
+    assert result.error_code == "invalid_arguments"
+    assert result.error is not None and result.error.startswith("line 7: ") and says in result.error

@@ -250,3 +250,43 @@ def test_call_accepts_json_flag() -> None:
     result = run("call", "--json", "echo", "text=hi", env={"MCPQ_BROKER_URL": "redis://127.0.0.1:9/0"})
     assert result.exit_code == EXIT_UNREACHABLE, result.output
     assert_no_traceback(result)
+
+
+@pytest.mark.parametrize(
+    "argv",
+    [
+        ["call", "echo", "--timeout", "inf"],
+        ["call", "echo", "--timeout", "nan"],
+        ["call", "echo", "--timeout", "0"],
+        ["call", "echo", "--timeout", "-1"],
+        ["call", "echo", "--wait", "-5"],
+        ["call", "echo", "--wait", "nan"],
+        ["health", "--wait", "inf"],
+        ["batch", "calls.jsonl", "--out", "out.jsonl", "--timeout", "nan"],
+    ],
+)
+def test_bad_numbers_are_usage_errors(
+    argv: list[str], tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.chdir(tmp_path)
+    (tmp_path / "calls.jsonl").write_text('{"tool": "echo"}\n')
+    result = run(*argv, env={"MCPQ_BROKER_URL": "redis://127.0.0.1:9/0"})
+    assert result.exit_code == EXIT_USAGE, result.output
+    assert "number of seconds" in result.output
+    assert_no_traceback(result)
+
+
+def test_call_with_nan_in_arguments_is_invalid_arguments_without_sending() -> None:
+    # The broker is unreachable: an exit 1 with invalid_arguments proves nothing was sent.
+    result = run("call", "echo", '{"x": NaN}', env={"MCPQ_BROKER_URL": "redis://127.0.0.1:9/0"})
+    assert result.exit_code == 1, result.output
+    assert '"error_code": "invalid_arguments"' in result.stdout
+    assert "not a JSON number" in result.stdout
+
+
+@pytest.mark.parametrize("command", [["servers"], ["call", "echo"], ["health"]])
+def test_a_password_in_the_broker_url_query_is_a_usage_error(command: list[str]) -> None:
+    result = run(*command, env={"MCPQ_BROKER_URL": "redis://h:6379/0?password=pw-secret-1"})
+    assert result.exit_code == EXIT_USAGE, result.output
+    assert "MCPQ_BROKER_URL" in result.stderr and "pw-secret-1" not in result.output
+    assert_no_traceback(result)

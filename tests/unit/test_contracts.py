@@ -238,6 +238,7 @@ ALL_ENV = {
     "MCPQ_RESTORE_INTERVAL": "2",
     "MCPQ_CHUNK_CONCURRENCY": "12",
     "MCPQ_TASK_EVENTS": "off",
+    "MCPQ_SOCKET_TIMEOUT": "4",
 }
 
 
@@ -255,6 +256,7 @@ def test_settings_defaults() -> None:
 def test_settings_read_every_variable() -> None:
     settings = Settings.from_env(ALL_ENV)
     assert (settings.chunk_concurrency, settings.task_events) == (12, False)
+    assert (settings.socket_timeout, settings.connect_timeout) == (4.0, 4.0)
     assert settings.broker_url == "redis://b:6379/5"
     assert settings.result_backend == "redis://r:6379/6"
     assert settings.redis_url == "redis://:pw@s:6379/7"
@@ -480,3 +482,31 @@ def test_producer_exports() -> None:
 
     assert producer.ToolResult is ToolResult
     assert producer.ErrorCode is ErrorCode
+
+
+@pytest.mark.parametrize("setting", ["MCPQ_BROKER_URL", "MCPQ_RESULT_BACKEND", "MCPQ_REDIS_URL"])
+@pytest.mark.parametrize("query", ["password=pw-secret-9", "db=1&username=u"])
+def test_credentials_in_a_url_query_are_refused_naming_the_setting(setting: str, query: str) -> None:
+    # kombu's Redis transport crashes on ?password= (a traceback at every entry point).
+    with pytest.raises(ConfigError) as info:
+        Settings.from_env({setting: f"redis://h:6379/0?{query}"})
+    assert info.value.message.startswith(f"{setting}: ")
+    assert "redis://:PASSWORD@host" in info.value.message
+    assert "pw-secret-9" not in info.value.message
+    assert info.value.details["setting"] == setting
+
+
+@pytest.mark.parametrize(
+    ("name", "raw", "says"),
+    [
+        ("MCPQ_DEFAULT_TIMEOUT", "nan", "finite"),
+        ("MCPQ_CLAIM_LEASE", "inf", "finite"),
+        ("MCPQ_SOCKET_TIMEOUT", "0", "positive number"),
+        ("MCPQ_VISIBILITY_TIMEOUT", "-5", "positive number"),
+        ("MCPQ_WORKER_CONCURRENCY", "0", "1 or more"),
+    ],
+)
+def test_numbers_out_of_range_name_the_variable(name: str, raw: str, says: str) -> None:
+    with pytest.raises(ConfigError) as info:
+        Settings.from_env({name: raw})
+    assert info.value.message.startswith(name) and says in info.value.message

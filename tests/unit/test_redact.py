@@ -60,14 +60,14 @@ def test_urls_inside_messages_are_redacted() -> None:
 def test_settings_show_urls_through_the_one_redaction() -> None:
     settings = Settings(
         broker_url=f"redis://{SECRET}@h/0",
-        result_backend=f"redis://h/1?password={SECRET}",
+        result_backend=f"rediss://user:{SECRET}@h/1",
         redis_url=f"redis://user:{SECRET}@h/2",
         admin_token=SECRET,
     )
     shown = settings.redacted()
     assert SECRET not in repr(shown)
     assert shown["broker_url"] == "redis://***@h/0"
-    assert shown["result_backend"] == "redis://h/1?password=***"
+    assert shown["result_backend"] == "rediss://user:***@h/1"
     assert shown["admin_token"] == "set"
 
 

@@ -60,14 +60,25 @@ def make_app(settings: Settings | None = None, include: Sequence[str] = ()) -> C
         # into a FAILURE of a call that succeeded.
         result_backend_always_retry=True,
         result_backend_max_retries=20,
+        # Every socket to the broker and the result backend has a deadline: a
+        # host that accepts and never answers (black-holed) is then a
+        # connection error the caller hears about, not a hang. The result
+        # consumer's pub/sub connection comes from the same pool.
+        broker_connection_timeout=settings.connect_timeout,
+        redis_socket_timeout=settings.socket_timeout,
+        redis_socket_connect_timeout=settings.connect_timeout,
     )
     return app
 
 
 def _transport_options(settings: Settings) -> dict[str, Any]:
     if not settings.broker_url.startswith(("redis://", "rediss://", "redis+socket://")):
-        return {}  # AMQP redelivers at once when a consumer's connection drops
+        # AMQP redelivers at once when a consumer's connection drops; py-amqp's
+        # own read/write deadlines bound a silent broker.
+        return {"read_timeout": settings.socket_timeout, "write_timeout": settings.socket_timeout}
     return {
+        "socket_timeout": settings.socket_timeout,
+        "socket_connect_timeout": settings.connect_timeout,
         "visibility_timeout": settings.visibility_timeout,
         "unacked_restore_interval": settings.restore_interval,
         "unacked_restore_throttle": 1,

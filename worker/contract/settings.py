@@ -10,8 +10,10 @@ import os
 from collections.abc import Mapping
 from dataclasses import dataclass, field, fields
 from typing import Any
+from urllib.parse import urlsplit
 
 from mcpq.worker.contract.errors import ConfigError
+from mcpq.worker.contract.numbers import seconds
 from mcpq.worker.contract.redact import DEFAULT_SECRET_PATTERNS, redact_url
 
 DEFAULT_REDIS = "redis://127.0.0.1:6379"
@@ -49,6 +51,19 @@ class Settings:
     #: Argument names containing any of these (comma-separated, case-insensitive)
     #: have their values masked wherever a call is described (Flower, logs).
     secret_patterns: str = ",".join(DEFAULT_SECRET_PATTERNS)
+    #: Longest wait for any one reply from the broker, the result backend or the
+    #: state Redis: a host that accepts connections and never answers must end
+    #: in ``connection_error``, not hang the caller (connects get at most 5 s).
+    socket_timeout: float = 10.0
+
+    def __post_init__(self) -> None:
+        for name in ("broker_url", "result_backend", "redis_url"):
+            _check_url(f"MCPQ_{name.upper()}", getattr(self, name))
+
+    @property
+    def connect_timeout(self) -> float:
+        """Longest wait for a TCP connection to the broker, result backend or state Redis."""
+        return min(5.0, self.socket_timeout)
 
     @property
     def ledger_grace(self) -> float:
@@ -105,11 +120,38 @@ def _coerce(name: str, raw: str, kind: type) -> Any:
         raise ConfigError(
             f"MCPQ_{name.upper()}={raw!r} is not a boolean (use 1/0, true/false, yes/no, on/off)"
         )
-    try:
-        if kind is int:
-            return int(raw)
-        if kind is float:
-            return float(raw)
-    except ValueError:
-        raise ConfigError(f"MCPQ_{name.upper()}={raw!r} is not a valid {kind.__name__}") from None
+    setting = f"MCPQ_{name.upper()}"
+    if kind is float:
+        # Every float setting is a duration: one rule with every other entry point.
+        try:
+            float(raw)
+        except ValueError:
+            raise ConfigError(
+                f"{setting}={raw!r} is not a valid float", details={"setting": setting}
+            ) from None
+        try:
+            return seconds(raw, setting)
+        except ValueError as exc:
+            raise ConfigError(str(exc), details={"setting": setting}) from None
+    if kind is int:
+        try:
+            value = int(raw)
+        except ValueError:
+            raise ConfigError(f"{setting}={raw!r} is not a valid int", details={"setting": setting}) from None
+        if value < 1:
+            raise ConfigError(f"{setting} must be 1 or more, got {raw!r}", details={"setting": setting})
+        return value
     return raw
+
+
+def _check_url(setting: str, url: str) -> None:
+    """Refuse, at start-up and naming the setting, a URL that a transport would
+    only trip over later (kombu's Redis transport crashes on ``?password=``)."""
+    query = urlsplit(url).query if "://" in url else ""
+    names = {piece.partition("=")[0].lower() for piece in query.split("&") if piece}
+    for bad in sorted(names & {"password", "username"}):
+        raise ConfigError(
+            f"{setting}: a {bad} in the query string ({redact_url(url)}) is not supported; put the "
+            "credentials in the URL itself: redis://:PASSWORD@host:6379/0 (or redis://USER:PASSWORD@host...)",
+            details={"setting": setting},
+        )

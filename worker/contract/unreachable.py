@@ -1,9 +1,15 @@
-"""One answer, for every producer path, to "is this error an unreachable broker or Redis?"."""
+"""One answer, for every producer path, to "is this error an unreachable broker or Redis?",
+and one way to say so."""
 
 from __future__ import annotations
 
+import socket
+
 import redis
 from kombu.exceptions import OperationalError
+
+from mcpq.worker.contract.errors import MCPConnectionError
+from mcpq.worker.contract.redact import redact_url, redact_urls_in
 
 #: What "a server could not be reached" looks like: kombu's OperationalError (the
 #: broker), redis' ConnectionError or TimeoutError (the state Redis, the result
@@ -51,3 +57,40 @@ def is_unreachable(exc: BaseException) -> bool:
     :param exc: the exception a producer call raised.
     """
     return unreachable_cause(exc) is not None
+
+
+#: What each service is called in messages, and the setting that points at it.
+SERVICES: dict[str, tuple[str, str]] = {
+    "broker": ("the broker", "MCPQ_BROKER_URL"),
+    "backend": ("the result backend", "MCPQ_RESULT_BACKEND"),
+    "broker_or_backend": ("the broker or the result backend", "MCPQ_BROKER_URL / MCPQ_RESULT_BACKEND"),
+    "state": ("the state Redis", "MCPQ_REDIS_URL"),
+}
+
+
+def unreachable_error(service: str, url: str, exc: BaseException) -> MCPConnectionError:
+    """The ``connection_error`` a person can act on: which service, where (password
+    masked), what went wrong, and which setting to check.
+
+    :param service: a key of :data:`SERVICES`.
+    :param url: the service's URL (redacted here).
+    :param exc: the failure; its unreachable cause is named, not Celery's wrapper.
+    """
+    name, setting = SERVICES[service]
+    shown = redact_url(url)
+    return MCPConnectionError(
+        f"cannot reach {name} at {shown}: {describe_failure(unreachable_cause(exc) or exc)}; "
+        f"check {setting} and that the server is up",
+        details={"service": service, "url": shown},
+    )
+
+
+def describe_failure(exc: BaseException) -> str:
+    """A connection failure in words: redis-py and kombu say "Timeout reading from
+    socket" or, for a refused password, sometimes nothing useful at all."""
+    if isinstance(exc, redis.AuthenticationError):
+        return f"the password (or user) was refused: {exc}"
+    if isinstance(exc, redis.TimeoutError | TimeoutError | socket.timeout):
+        return f"no answer in time (the host accepts connections but does not reply): {exc}"
+    text = redact_urls_in(str(exc)) or type(exc).__name__
+    return text
