@@ -19,10 +19,9 @@ from kombu.exceptions import OperationalError
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from mcpq.worker.contract.errors import ErrorCode, MCPError
-from mcpq.worker.contract.redact import redact_url
 from mcpq.worker.contract.result import ToolResult
 from mcpq.worker.contract.settings import Settings
-from mcpq.worker.contract.unreachable import unreachable_cause
+from mcpq.worker.contract.unreachable import unreachable_cause, unreachable_error
 
 # The API's logger, shared with mcpq.producer.api: one name to filter on.
 log = logging.getLogger("mcpq.api")
@@ -164,21 +163,16 @@ def install_error_handlers(app: FastAPI, settings: Settings) -> None:
         assert isinstance(exc, MCPError)
         return error_response(exc.code.value, exc.message, exc.details)
 
+    def unreachable(service: str, url: str, exc: BaseException) -> Response:
+        error = unreachable_error(service, url, exc)
+        log.warning("%s", error.message)
+        return error_response(error.code.value, error.message, error.details)
+
     async def on_redis_error(request: Request, exc: Exception) -> Response:
-        log.warning("Redis unreachable: %s", exc)
-        return error_response(
-            ErrorCode.CONNECTION_ERROR.value,
-            f"cannot reach Redis at {redact_url(settings.redis_url)}: {exc}",
-            {"redis": redact_url(settings.redis_url)},
-        )
+        return unreachable("state", settings.redis_url, exc)
 
     async def on_broker_error(request: Request, exc: Exception) -> Response:
-        log.warning("broker unreachable: %s", exc)
-        return error_response(
-            ErrorCode.CONNECTION_ERROR.value,
-            f"cannot reach the broker at {redact_url(settings.broker_url)}: {exc}",
-            {"broker": redact_url(settings.broker_url)},
-        )
+        return unreachable("broker", settings.broker_url, exc)
 
     async def on_validation_error(request: Request, exc: Exception) -> Response:
         assert isinstance(exc, RequestValidationError)
@@ -206,14 +200,8 @@ def install_error_handlers(app: FastAPI, settings: Settings) -> None:
     async def on_unexpected(request: Request, exc: Exception) -> Response:
         # Celery wraps some connection failures (RuntimeError from redis'
         # ConnectionError): still a 503, not a bug.
-        cause = unreachable_cause(exc)
-        if cause is not None:
-            log.warning("Redis or broker unreachable: %s", cause)
-            return error_response(
-                ErrorCode.CONNECTION_ERROR.value,
-                f"cannot reach Redis or the broker ({redact_url(settings.broker_url)}): {cause}",
-                {"broker": redact_url(settings.broker_url), "redis": redact_url(settings.redis_url)},
-            )
+        if unreachable_cause(exc) is not None:
+            return unreachable("broker_or_backend", settings.broker_url, exc)
         log.exception("unhandled error in %s %s", request.method, request.url.path)
         return error_response(
             ErrorCode.INTERNAL_ERROR.value,

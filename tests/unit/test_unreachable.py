@@ -116,3 +116,19 @@ def test_cause_search_stops_at_a_cycle() -> None:
     b.__cause__ = c
     c.__cause__ = a
     assert unreachable_cause(a) is c
+
+
+def test_unreachable_error_names_the_service_where_and_the_setting() -> None:
+    import redis as redis_lib
+
+    from mcpq.worker.contract.unreachable import unreachable_error
+
+    wrapped = RuntimeError("Retry limit exceeded")
+    wrapped.__cause__ = redis_lib.TimeoutError("Timeout reading from socket")
+    error = unreachable_error("state", "redis://:pw-secret-7@h:6379/2", wrapped)
+    assert error.code.value == "connection_error"
+    assert error.message.startswith("cannot reach the state Redis at redis://:***@h:6379/2: ")
+    assert "does not reply" in error.message and "MCPQ_REDIS_URL" in error.message
+    assert "pw-secret-7" not in error.message and "Retry limit" not in error.message
+    refused = unreachable_error("broker", "redis://h/0", redis_lib.AuthenticationError("invalid password"))
+    assert "password (or user) was refused" in refused.message and "MCPQ_BROKER_URL" in refused.message
