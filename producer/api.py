@@ -72,11 +72,16 @@ log = logging.getLogger("mcpq.api")
 
 T = TypeVar("T")
 
-#: Default of GET /mcp/health's wait for a worker, seconds (at most 120).
+#: Default of GET /mcp/health's wait for a worker, seconds.
 HEALTH_WAIT = 10.0
-#: Threads that may block waiting for results (POST /mcp/call, health) at once;
-#: kept apart from FastAPI's default pool so waits never starve the other endpoints.
+#: Longest wait an open (unauthenticated) request may ask for.
+OPEN_MAX_WAIT = 30.0
+#: Threads that may block waiting for results at once, admin (POST /mcp/call)
+#: and open (GET /mcp/health) apart: kept apart from FastAPI's default pool so
+#: waits never starve the other endpoints, and apart from each other so that
+#: anyone who can reach the open endpoints cannot make admin calls queue.
 WAIT_THREADS = 200
+OPEN_WAIT_THREADS = 16
 
 #: Fields of a server summary that the (open) listing leaves out: stdio args can
 #: carry secrets expanded from ${VAR} (``--api-key ...``).
@@ -94,7 +99,7 @@ class _State:
         self._queue = queue
         self.owns_queue = queue is None
         self._lock = threading.Lock()
-        self._limiter: anyio.CapacityLimiter | None = None
+        self._limiters: dict[bool, anyio.CapacityLimiter] = {}
 
     @property
     def queue(self) -> ToolQueue:
@@ -104,11 +109,11 @@ class _State:
                     self._queue = ToolQueue(self.settings)
         return self._queue
 
-    @property
-    def limiter(self) -> anyio.CapacityLimiter:
-        if self._limiter is None:  # only ever touched on the event loop thread
-            self._limiter = anyio.CapacityLimiter(WAIT_THREADS)
-        return self._limiter
+    def limiter(self, admin: bool) -> anyio.CapacityLimiter:
+        """The wait pool for admin or for open requests (built on the event loop thread)."""
+        if admin not in self._limiters:
+            self._limiters[admin] = anyio.CapacityLimiter(WAIT_THREADS if admin else OPEN_WAIT_THREADS)
+        return self._limiters[admin]
 
     def close(self) -> None:
         if self.owns_queue and self._queue is not None:
@@ -127,10 +132,10 @@ def _queue(request: Request) -> ToolQueue:
 QueueDep = Annotated[ToolQueue, Depends(_queue)]
 
 
-async def _blocking(request: Request, fn: Callable[..., T], *args: Any, **kwargs: Any) -> T:
-    """Run a call that blocks on a worker in the dedicated wait pool."""
+async def _blocking(request: Request, admin: bool, fn: Callable[..., T], *args: Any, **kwargs: Any) -> T:
+    """Run a call that blocks on a worker in the admin or the open wait pool."""
     return await anyio.to_thread.run_sync(
-        functools.partial(fn, *args, **kwargs), limiter=_state(request).limiter
+        functools.partial(fn, *args, **kwargs), limiter=_state(request).limiter(admin)
     )
 
 
@@ -198,6 +203,8 @@ def _call_status(queue: ToolQueue, task_id: str) -> CallStatus:
 
 
 def _health(queue: ToolQueue, server: str | None, wait: float) -> HealthReport:
+    if server is not None:
+        _known_server(queue, server)  # 404 at once, not a worker's answer after the wait
     try:
         answer = queue.health(server, wait=wait)
     except MCPTimeoutError as exc:
@@ -254,11 +261,13 @@ def list_tools(queue: QueueDep) -> list[dict[str, Any]]:
 async def health(
     request: Request,
     server: Annotated[str | None, Query(min_length=1, description="Only this server.")] = None,
-    wait: Annotated[float, Query(gt=0, le=120, description="Seconds to wait for a worker.")] = HEALTH_WAIT,
+    wait: Annotated[
+        float, Query(gt=0, le=OPEN_MAX_WAIT, description="Seconds to wait for a worker (at most 30).")
+    ] = HEALTH_WAIT,
 ) -> HealthReport:
     """A worker pings every enabled server (a real MCP round trip). 503 when no
     worker answers within ``wait``; 200 otherwise, ``healthy`` saying whether all answered."""
-    return await _blocking(request, _health, _queue(request), server, wait)
+    return await _blocking(request, False, _health, _queue(request), server, wait)
 
 
 @public.get("/circuit-breakers", response_model=dict[str, BreakerStatus], responses=error_responses(503))
@@ -288,6 +297,7 @@ async def call_tool(request: Request, body: SyncCallRequest) -> Response:
     # ToolResult too; on a timeout its details.task_id becomes the Location.
     result = await _blocking(
         request,
+        True,
         _queue(request).call,
         body.tool,
         body.arguments,

@@ -310,6 +310,27 @@ def test_health_without_a_worker_is_503(client: TestClient) -> None:
     body = assert_error(client.get("/mcp/health", params={"wait": 0.5}), 503, "connection_error")
     assert "worker" in body["error"]
     assert_error(client.get("/mcp/health", params={"wait": 0}), 422, "invalid_arguments")
+    assert_error(client.get("/mcp/health", params={"wait": 31}), 422, "invalid_arguments")  # open: capped
+
+
+def test_health_of_an_unknown_server_is_404_at_once(client: TestClient) -> None:
+    import time
+
+    started = time.monotonic()
+    body = assert_error(
+        client.get("/mcp/health", params={"server": "nope", "wait": 20}), 404, "server_not_found"
+    )
+    assert time.monotonic() - started < 5  # no wait for a worker that would answer the same
+    assert "nope" in body["error"]
+
+
+def test_open_and_admin_requests_wait_in_separate_pools(client: TestClient) -> None:
+    from mcpq.producer import api as api_module
+
+    state = client.app.state.mcpq  # type: ignore[attr-defined]
+    assert state.limiter(False) is not state.limiter(True)
+    assert state.limiter(False).total_tokens == api_module.OPEN_WAIT_THREADS
+    assert state.limiter(True).total_tokens == api_module.WAIT_THREADS
 
 
 def test_redis_and_broker_unreachable_are_503(redis_url: str) -> None:
