@@ -192,6 +192,16 @@ def install_error_handlers(app: FastAPI, settings: Settings) -> None:
 
     async def on_http_error(request: Request, exc: Exception) -> Response:
         assert isinstance(exc, StarletteHTTPException)
+        if exc.status_code == 400:
+            # FastAPI's 400 for a body its JSON parser gave up on (nesting past
+            # the recursion limit, an integer past Python's digit limit): a
+            # malformed request like any other, 422 as documented.
+            return error_response(
+                ErrorCode.INVALID_ARGUMENTS.value,
+                "invalid request: the body could not be parsed as JSON (nested too deeply, an integer "
+                "with too many digits, or malformed)",
+                status=422,
+            )
         code = {404: NOT_FOUND, 405: METHOD_NOT_ALLOWED, 400: ErrorCode.INVALID_ARGUMENTS.value}.get(
             exc.status_code, HTTP_ERROR
         )

@@ -482,3 +482,21 @@ def test_openapi_lists_every_endpoint_and_marks_admin_ones(client: TestClient) -
             admin = method == "post" or path.startswith("/mcp/calls")
             assert bool(op.get("security")) == admin, (method, path)
     assert client.get("/docs").status_code == 200
+
+
+@pytest.mark.parametrize(
+    ("body", "says"),
+    [
+        ('{"tool": "x", "arguments": {"d": ' + "[" * 5000 + "]" * 5000 + "}}", "could not be parsed"),
+        ('{"tool": "x", "arguments": {"n": ' + "9" * 5000 + "}}", "could not be parsed"),
+        ('{"tool": "x", "arguments": {"n": NaN}}', "not a JSON number"),
+        ('{"tool": "x", "arguments": {"s": "\\ud800"}}', "lone surrogate"),
+    ],
+    ids=["deep", "huge-int", "nan", "surrogate"],
+)
+def test_bodies_the_api_cannot_carry_are_422(client: TestClient, body: str, says: str) -> None:
+    response = client.post(
+        "/mcp/calls", content=body, headers={**bearer(), "Content-Type": "application/json"}
+    )
+    error = assert_error(response, 422, "invalid_arguments")
+    assert says in error["error"]
