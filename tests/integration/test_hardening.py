@@ -195,3 +195,36 @@ def test_cli_exits_cleanly_when_no_worker_answers(make_stack: Callable[..., Any]
         assert "no worker answered" in done.stderr
         assert "Exception ignored" not in done.stderr, done.stderr
         assert "Traceback" not in done.stderr, done.stderr
+
+
+def test_the_http_api_answers_503_when_the_broker_never_answers() -> None:
+    from fastapi.testclient import TestClient
+
+    from mcpq.producer.api import create_app
+    from mcpq.worker.contract.settings import Settings
+
+    silent = start_hang_server()
+    try:
+        url = f"redis://127.0.0.1:{silent.port}"
+        settings = Settings(
+            broker_url=f"{url}/0",
+            result_backend=f"{url}/1",
+            redis_url=f"{url}/2",
+            admin_token="hardening-admin-token",
+            socket_timeout=2.0,
+        )
+        with TestClient(create_app(settings=settings)) as client:
+            started = time.monotonic()
+            health = client.get("/mcp/health", params={"wait": 5})
+            called = client.post(
+                "/mcp/call",
+                json={"tool": "echo", "arguments": {"text": "x"}, "timeout": 5, "wait": 10},
+                headers={"Authorization": "Bearer hardening-admin-token"},
+            )
+            elapsed = time.monotonic() - started
+        assert health.status_code == 503, health.text
+        assert called.status_code == 503, called.text
+        assert called.json()["error_code"] == "connection_error"
+        assert elapsed < 120, elapsed
+    finally:
+        silent.stop()
