@@ -14,6 +14,9 @@ from typing import Any
 import pytest
 import yaml
 
+from mcpq.worker.contract.errors import InvalidArgumentsError
+from mcpq.worker.contract.result import ToolResult
+from mcpq.worker.contract.task_names import CALL_TOOL
 from tests.support.procs import (
     read_count,
     require_everything,
@@ -63,7 +66,13 @@ def test_an_argument_the_sdk_cannot_send_fails_alone_and_never_trips_the_breaker
     stack.start_worker()
     assert stack.queue.call("s/count", {"key": "warm"}, timeout=20).success
 
-    result = stack.queue.submit("s/count", bad, timeout=20).result(30)
+    # mcpq's own producer refuses at once, before publishing ...
+    with pytest.raises(InvalidArgumentsError):
+        stack.queue.submit("s/count", bad, timeout=20)
+    assert stack.queue.call("s/count", bad, timeout=20).error_code == "invalid_arguments"
+    # ... and the worker refuses the same from any other Celery client, before sending.
+    sent = stack.queue.app.send_task(CALL_TOOL, kwargs={"tool": "s/count", "arguments": bad, "timeout": 20})
+    result = ToolResult.from_dict(sent.get(timeout=30))
     assert result.error_code == "invalid_arguments", result.to_dict()
     assert result.attempts == 1
     # Nothing was sent: the tool never ran, the breaker saw nothing, the next caller is served.
