@@ -242,16 +242,16 @@ def test_breakers_reset_reconnect_and_health(stack: Stack, api: httpx.Client) ->
     wait_until(new_pid, 30, interval=0.1, message="the worker never reopened its session to 'local'")
     error_of(api.post("/mcp/servers/nope/reconnect", headers=ADMIN), 404, "server_not_found")
 
-    health = api.get("/mcp/health", params={"wait": 60})
+    health = api.get("/mcp/health", params={"wait": 30})
     assert health.status_code == 200, health.text
     report = health.json()
     assert set(report["servers"]) == {"local", "twin", "down"}
     assert report["servers"]["local"]["healthy"] is True and report["servers"]["local"]["latency_ms"] > 0
     assert report["servers"]["down"]["healthy"] is False and report["servers"]["down"]["error_code"]
     assert report["healthy"] is False
-    only_local = api.get("/mcp/health", params={"server": "local", "wait": 60}).json()
+    only_local = api.get("/mcp/health", params={"server": "local", "wait": 30}).json()
     assert only_local["healthy"] is True and set(only_local["servers"]) == {"local"}
-    error_of(api.get("/mcp/health", params={"server": "nope", "wait": 60}), 404, "server_not_found")
+    error_of(api.get("/mcp/health", params={"server": "nope", "wait": 30}), 404, "server_not_found")
 
 
 def test_mcpq_api_command_serves_the_app(stack: Stack) -> None:
