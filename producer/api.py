@@ -66,7 +66,7 @@ from mcpq.worker.contract.errors import (
     error_class,
 )
 from mcpq.worker.contract.settings import Settings
-from mcpq.worker.contract.unreachable import unreachable_cause
+from mcpq.worker.contract.unreachable import unreachable_cause, unreachable_error
 
 log = logging.getLogger("mcpq.api")
 
@@ -333,10 +333,9 @@ def enqueue_calls(body: CallsBody, queue: QueueDep, response: Response) -> Calls
         except Exception as exc:
             enqueued = [a.task_id for a in accepted]
             if not isinstance(exc, MCPError):
-                cause = unreachable_cause(exc)
-                if cause is None:
+                if unreachable_cause(exc) is None:
                     raise
-                exc = MCPConnectionError(f"cannot enqueue: Redis or the broker is unreachable: {cause}")
+                exc = unreachable_error("broker_or_backend", queue.settings.broker_url, exc)
             # Which call failed and which were already enqueued: the client must
             # not resubmit those (they will run).
             raise type(exc)(

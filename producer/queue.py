@@ -290,9 +290,7 @@ class ToolQueue:
             # the same failure to enqueue, not a bug to raise.
             if not is_unreachable(exc):
                 raise
-            unreachable = MCPConnectionError(
-                f"cannot enqueue: Redis or the broker is unreachable: {_root(exc)}"
-            )
+            unreachable = unreachable_error("broker_or_backend", self.settings.broker_url, exc)
             return ToolResult.failure(label, unreachable, request_id=request_id)
         try:
             return handle.result(wait)
