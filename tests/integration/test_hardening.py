@@ -3,6 +3,7 @@ one bad server may not hide the others, nothing hangs unbounded."""
 
 from __future__ import annotations
 
+import asyncio
 import json
 import subprocess
 import sys
@@ -11,19 +12,23 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
+import httpx
 import pytest
+import redis
 import yaml
 
 from mcpq.worker.contract.errors import InvalidArgumentsError
 from mcpq.worker.contract.result import ToolResult
 from mcpq.worker.contract.task_names import CALL_TOOL
 from tests.support.procs import (
+    free_port,
     read_count,
     require_everything,
     start_everything_server,
     start_hang_server,
     start_test_server,
     stdio_command_for_test_server,
+    wait_for_port,
 )
 from tests.support.stack import Stack
 
@@ -237,3 +242,59 @@ def test_the_http_api_answers_503_when_the_broker_never_answers() -> None:
         assert elapsed < 120, elapsed
     finally:
         silent.stop()
+
+
+# --------------------------------------------------------------------------- open requests
+
+
+def test_open_requests_waiting_for_no_worker_never_delay_an_admin_call(
+    make_stack: Callable[..., Any], count_dir: Path
+) -> None:
+    """210 unauthenticated health requests park (no worker is up); an admin call
+    with ``wait`` 3 must still answer after about 3 s, not after the open ones' 20 s."""
+    stack = make_stack({"s": stdio_entry(count_dir)}, env={"MCPQ_ADMIN_TOKEN": "starve-admin-token"})
+    port = free_port()
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "mcpq.producer.cli", "api", "--host", "127.0.0.1", "--port", str(port)],
+        env=stack.env,
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.DEVNULL,
+    )
+    broker = redis.Redis.from_url(stack.settings.broker_url)
+    try:
+        wait_for_port(port, timeout=30, proc=proc)
+
+        async def scenario() -> tuple[httpx.Response, float]:
+            limits = httpx.Limits(max_connections=None, max_keepalive_connections=None)
+            async with httpx.AsyncClient(
+                base_url=f"http://127.0.0.1:{port}", timeout=120, limits=limits
+            ) as client:
+                parked = [
+                    asyncio.create_task(client.get("/mcp/health", params={"wait": 20})) for _ in range(210)
+                ]
+                # The open requests are waiting once their health tasks sit in the
+                # (unconsumed) queue; however many run at once, at least 16 do.
+                deadline = time.monotonic() + 30
+                while broker.llen(stack.settings.queue) < 16:
+                    assert time.monotonic() < deadline, "the open requests never reached the broker"
+                    await asyncio.sleep(0.05)
+                started = time.monotonic()
+                answer = await client.post(
+                    "/mcp/call",
+                    json={"tool": "s/count", "arguments": {"key": "k"}, "timeout": 5, "wait": 3},
+                    headers={"Authorization": "Bearer starve-admin-token"},
+                )
+                elapsed = time.monotonic() - started
+                for task in parked:
+                    task.cancel()
+                await asyncio.gather(*parked, return_exceptions=True)
+                return answer, elapsed
+
+        answer, elapsed = asyncio.run(scenario())
+        assert answer.status_code == 504, answer.text
+        assert answer.json()["error_code"] == "timeout"
+        assert elapsed < 12, f"the admin call waited {elapsed:.1f}s behind open requests"
+    finally:
+        proc.kill()
+        proc.wait(timeout=30)
+        broker.close()
