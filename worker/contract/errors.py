@@ -26,6 +26,8 @@ class ErrorCode(StrEnum):
     INTERNAL_ERROR = "internal_error"
     CONFIG_ERROR = "config_error"
     LIMIT_EXCEEDED = "limit_exceeded"
+    CANCELLED = "cancelled"
+    CALL_NOT_FOUND = "call_not_found"
 
 
 #: One line per code, for docs, ``mcpq --help`` and the HTTP API.
@@ -45,6 +47,8 @@ ERROR_DESCRIPTIONS: dict[ErrorCode, str] = {
     ErrorCode.INTERNAL_ERROR: "mcpq itself failed; the message says where.",
     ErrorCode.CONFIG_ERROR: "The configuration file or environment is invalid.",
     ErrorCode.LIMIT_EXCEEDED: "The server's max_concurrency or rate_limit held the call until its deadline.",
+    ErrorCode.CANCELLED: "A caller cancelled the call; details.may_have_run says if it reached the server.",
+    ErrorCode.CALL_NOT_FOUND: "No call with that id is known (never submitted, or its result expired).",
 }
 
 
@@ -122,6 +126,14 @@ class LimitExceededError(MCPError):
     code = ErrorCode.LIMIT_EXCEEDED
 
 
+class CallCancelledError(MCPError):
+    code = ErrorCode.CANCELLED
+
+
+class CallNotFoundError(MCPError):
+    code = ErrorCode.CALL_NOT_FOUND
+
+
 _BY_CODE: dict[str, type[MCPError]] = {
     cls.code.value: cls
     for cls in (
@@ -140,6 +152,8 @@ _BY_CODE: dict[str, type[MCPError]] = {
         InternalError,
         ConfigError,
         LimitExceededError,
+        CallCancelledError,
+        CallNotFoundError,
     )
 }
 

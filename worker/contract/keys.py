@@ -58,6 +58,24 @@ class Keys:
         """Hash: task id -> the call's message, to publish it again if the broker lost it."""
         return f"{self.prefix}ledger:messages"
 
+    @property
+    def ledger_members(self) -> str:
+        """Hash: id of a call sent inside a chunk task -> the chunk's task id (while it is due)."""
+        return f"{self.prefix}ledger:members"
+
+    def cancelled(self, task_id: str) -> str:
+        """String, set when a caller cancels call ``task_id``: no worker sends it from then on."""
+        return f"{self.prefix}cancel:{task_id}"
+
+    @property
+    def cancel_channel(self) -> str:
+        """Pub/sub channel: the id of every call just cancelled, so a running one is interrupted."""
+        return f"{self.prefix}cancel"
+
+    def progress(self, task_id: str) -> str:
+        """String and pub/sub channel of call ``task_id``'s latest progress (contract/progress.py)."""
+        return f"{self.prefix}progress:{task_id}"
+
     def claim(self, delivery: str) -> str:
         """Hash: the execution claim of one attempt of one call (state, owner, heartbeat, result)."""
         return f"{self.prefix}claim:{delivery}"

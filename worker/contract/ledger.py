@@ -49,19 +49,45 @@ class Ledger:
     def key_pair(self) -> list[str]:
         return [self.keys.ledger, self.keys.ledger_messages]
 
-    def record(self, entries: Iterable[tuple[str, dict[str, Any]]], extra_grace: float = 0.0) -> None:
-        """Record calls about to be published: (task id, :func:`ledger_message`)."""
-        args: list[Any] = [self.grace_ms + int(extra_grace * 1000)]
-        for task_id, message in entries:
-            args += [task_id, json.dumps(message, separators=(",", ":"))]
-        if len(args) > 1:
-            self._add(keys=self.key_pair, args=args)
+    def record(
+        self,
+        entries: Iterable[tuple[str, dict[str, Any]]],
+        extra_grace: float = 0.0,
+        members: Iterable[tuple[str, str]] = (),
+    ) -> None:
+        """Record calls about to be published: (task id, :func:`ledger_message`).
 
-    def clear(self, task_id: str) -> None:
+        :param entries: the tasks, each with the message to publish it again.
+        :param extra_grace: seconds added to their due time (a countdown).
+        :param members: (call id, chunk task id) for calls sent inside chunk
+            tasks, so that a call id alone is known (:meth:`knows`).
+        """
+        pairs: list[Any] = []
+        for task_id, message in entries:
+            pairs += [task_id, json.dumps(message, separators=(",", ":"))]
+        if not pairs:
+            return
+        args: list[Any] = [self.grace_ms + int(extra_grace * 1000), len(pairs) // 2, *pairs]
+        for call_id, chunk_id in members:
+            args += [call_id, chunk_id]
+        self._add(keys=[*self.key_pair, self.keys.ledger_members], args=args)
+
+    def clear(self, task_id: str, members: Iterable[str] = ()) -> None:
+        """Forget task ``task_id`` (it has its final result) and, for a chunk, its calls' ids."""
         pipe = self.redis.pipeline(transaction=False)
         pipe.zrem(self.keys.ledger, task_id)
         pipe.hdel(self.keys.ledger_messages, task_id)
+        call_ids = list(members)
+        if call_ids:
+            pipe.hdel(self.keys.ledger_members, *call_ids)
         pipe.execute()
+
+    def knows(self, task_id: str) -> bool:
+        """Whether ``task_id`` is a call (or chunk) still due: enqueued and not finished."""
+        pipe = self.redis.pipeline(transaction=False)
+        pipe.hexists(self.keys.ledger_messages, task_id)
+        pipe.hexists(self.keys.ledger_members, task_id)
+        return any(pipe.execute())
 
     def take_overdue(self) -> list[tuple[str, dict[str, Any]]]:
         raw = self._sweep(keys=self.key_pair, args=[self.grace_ms, SWEEP_BATCH])
