@@ -8,6 +8,7 @@ from typing import Any
 import redis
 
 from mcpq.worker.contract.keys import Keys
+from mcpq.worker.contract.plans import Plan, run_plan
 
 
 def as_text(value: Any) -> str:
@@ -17,12 +18,19 @@ def as_text(value: Any) -> str:
 
 def breaker_status(client: redis.Redis, keys: Keys, servers: list[str]) -> dict[str, dict[str, Any]]:
     """State, consecutive failures, opened at, next probe at (epoch seconds) per server."""
-    pipe = client.pipeline()
-    pipe.time()
+    return run_plan(client, breaker_status_plan(keys, servers))
+
+
+def breaker_status_plan(keys: Keys, servers: list[str]) -> Plan[dict[str, dict[str, Any]]]:
+    """:func:`breaker_status` as a plan (``contract/plans.py``): one round trip.
+
+    :param keys: the deployment's key layout.
+    :param servers: the servers to report, in order.
+    """
+    commands: list[tuple[str, tuple[Any, ...]]] = [("time", ())]
     for name in servers:
-        pipe.hgetall(keys.breaker(name))
-        pipe.zcard(keys.inflight(name))
-    replies = pipe.execute()
+        commands += [("hgetall", (keys.breaker(name),)), ("zcard", (keys.inflight(name),))]
+    replies = yield commands
     seconds, micros = replies[0]
     now_ms = seconds * 1000 + micros // 1000
     out: dict[str, dict[str, Any]] = {}
@@ -48,4 +56,10 @@ def breaker_status(client: redis.Redis, keys: Keys, servers: list[str]) -> dict[
 
 def reset_breaker(client: redis.Redis, keys: Keys, server: str) -> bool:
     """Close the server's breaker fleet-wide; True if there was state to clear."""
-    return bool(client.delete(keys.breaker(server)))
+    return run_plan(client, reset_breaker_plan(keys, server))
+
+
+def reset_breaker_plan(keys: Keys, server: str) -> Plan[bool]:
+    """:func:`reset_breaker` as a plan."""
+    replies = yield [("delete", (keys.breaker(server),))]
+    return bool(replies[0])
