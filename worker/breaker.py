@@ -29,7 +29,7 @@ from mcpq.worker.contract.scripts import load_script
 log = logging.getLogger(__name__)
 
 Outcome = Literal["success", "failure", "ignore"]
-Decision = Literal["allow", "probe", "reject", "limited", "done", "busy", "orphaned"]
+Decision = Literal["allow", "probe", "reject", "limited", "done", "busy", "orphaned", "cancelled"]
 
 #: After Redis fails, wait this long before trying it again (calls in between
 #: use the local breaker without paying a connect timeout each).
@@ -74,6 +74,9 @@ class Claim:
     idempotent: bool
     lease: float  # seconds without a heartbeat before the owner counts as dead
     ttl: float  # how long a finished call's result is kept for redeliveries
+    #: The call's cancel flag (``Keys.cancelled``), read by admit at no extra
+    #: round trip; '' for a claim of a call that cannot be cancelled.
+    cancel_key: str = ""
 
 
 @dataclass(frozen=True, slots=True)
@@ -194,13 +197,16 @@ class ServerGuard:
         if self._redis_usable():
             rate_calls, rate_period = policy.rate or (0, 0.0)
             try:
+                keys = [
+                    self.keys.breaker(server),
+                    self.keys.inflight(server),
+                    self.keys.rate(server),
+                    claim.key if claim else self.keys.breaker(server),
+                ]
+                if claim is not None and claim.cancel_key:
+                    keys.append(claim.cancel_key)
                 raw = self._admit(
-                    keys=[
-                        self.keys.breaker(server),
-                        self.keys.inflight(server),
-                        self.keys.rate(server),
-                        claim.key if claim else self.keys.breaker(server),
-                    ],
+                    keys=keys,
                     args=[
                         token,
                         int(lease_ttl * 1000) + 1,

@@ -71,12 +71,19 @@ class ClaimKeeper:
         self._stop = threading.Event()
         self._thread: threading.Thread | None = None
 
-    def claim(self, delivery: str, idempotent: bool) -> Claim:
+    def claim(self, delivery: str, idempotent: bool, call_id: str | None = None) -> Claim:
+        """A new claim on ``delivery`` (``<call id>:<attempt>``).
+
+        :param idempotent: whether a stale claim of this call may be taken over.
+        :param call_id: the id a caller cancels the call by; admit then reads
+            its cancel flag in the same script.
+        """
         # The owner names this very execution, not just the process: a message
         # redelivered to the same worker (after a broker connection loss) while
         # its first execution still runs must see a claim that is not its own.
         owner = f"{self.owner}#{uuid.uuid4().hex[:12]}"
-        return Claim(self.keys.claim(delivery), owner, idempotent, self.lease, self.ttl)
+        cancel_key = self.keys.cancelled(call_id) if call_id else ""
+        return Claim(self.keys.claim(delivery), owner, idempotent, self.lease, self.ttl, cancel_key)
 
     def track(self, claim: Claim | None) -> None:
         if claim is None:

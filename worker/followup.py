@@ -57,6 +57,8 @@ def next_step(
 ) -> Again | None:
     """None when ``result`` is the call's final answer (it may be amended: a
     wait given up at the deadline says so); otherwise when and how to try again."""
+    if result.error_code == ErrorCode.CANCELLED:
+        return None  # a caller's cancel is final, whatever else the result says
     if result.error_code in (ErrorCode.LIMIT_EXCEEDED, ErrorCode.CIRCUIT_OPEN):
         wants_wait = result.error_code == ErrorCode.LIMIT_EXCEEDED or result.details.get("defer")
         countdown = _wait_countdown(result, waits)

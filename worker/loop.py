@@ -12,7 +12,7 @@ import concurrent.futures
 import logging
 import os
 import threading
-from collections.abc import Coroutine
+from collections.abc import Callable, Coroutine
 from typing import Any, TypeVar
 
 log = logging.getLogger(__name__)
@@ -46,16 +46,27 @@ class LoopThread:
     def submit(self, coro: Coroutine[Any, Any, T]) -> concurrent.futures.Future[T]:
         return asyncio.run_coroutine_threadsafe(coro, self.loop)
 
-    def run(self, coro: Coroutine[Any, Any, T], timeout: float | None = None) -> T:
+    def run(
+        self,
+        coro: Coroutine[Any, Any, T],
+        timeout: float | None = None,
+        on_submit: Callable[[concurrent.futures.Future[T]], None] | None = None,
+    ) -> T:
         """Run ``coro`` on the loop and wait for it from a foreign thread.
 
         On timeout the coroutine is cancelled, so nothing keeps running for a
         caller that has gone away.
+
+        :param on_submit: called with the future before waiting, so that
+            another thread can cancel the coroutine (a caller's cancel); the
+            wait then raises ``concurrent.futures.CancelledError``.
         """
         if threading.current_thread() is self._thread:
             coro.close()
             raise RuntimeError("LoopThread.run called from the loop thread itself (would deadlock)")
         fut = self.submit(coro)
+        if on_submit is not None:
+            on_submit(fut)
         try:
             return fut.result(timeout)
         except concurrent.futures.TimeoutError:

@@ -21,6 +21,7 @@ from redis.backoff import NoBackoff
 from redis.retry import Retry
 
 from mcpq.worker.breaker import ServerGuard
+from mcpq.worker.cancellation import CancelListener
 from mcpq.worker.claims import ClaimKeeper
 from mcpq.worker.config import MCPQConfig
 from mcpq.worker.config_loader import load_config
@@ -33,6 +34,7 @@ from mcpq.worker.contract.settings import Settings
 from mcpq.worker.discovery import Discovery
 from mcpq.worker.ledger import LedgerSweeper
 from mcpq.worker.pool import ConnectionPool, OutcomeError, ProtocolChoice, ServerHandshake
+from mcpq.worker.progress import ProgressPublisher
 from mcpq.worker.registry import MCPServerRegistry
 from mcpq.worker.router import ToolRouter
 
@@ -49,6 +51,14 @@ def state_redis(url: str) -> redis.Redis:
         socket_connect_timeout=0.5,
         retry=Retry(NoBackoff(), 1),
         health_check_interval=30,
+    )
+
+
+def listener_redis(url: str) -> redis.Redis:
+    # A subscribed connection waits for messages indefinitely; the health
+    # check pings it so a silently dead connection is noticed and replaced.
+    return redis.Redis.from_url(
+        url, socket_timeout=5.0, socket_connect_timeout=0.5, socket_keepalive=True, health_check_interval=10
     )
 
 
@@ -76,7 +86,12 @@ class MCPClientManager:
         self.registry.on_reconnect = self._reconnect_local
         self.guard = ServerGuard(self.redis, self.keys)
         self.claims = ClaimKeeper(self.redis, self.keys, lease=settings.claim_lease, ttl=settings.claim_ttl)
-        self.router = ToolRouter(config, self.registry, self.pool, self.discovery, self.guard, self.claims)
+        self.cancels = CancelListener(lambda: listener_redis(settings.redis_url), self.keys)
+        self.progress = ProgressPublisher(self.redis, self.keys, self._io)
+        self.router = ToolRouter(
+            config, self.registry, self.pool, self.discovery, self.guard, self.claims,
+            cancels=self.cancels, progress=self.progress,
+        )  # fmt: skip
         self.ledger = Ledger(self.redis, self.keys, settings.ledger_grace)
         self.sweeper: LedgerSweeper | None = None
         self.registry.publish_servers()
@@ -111,7 +126,11 @@ class MCPClientManager:
         claim_key: str | None = None,
         attempt: int = 1,
         ledger_id: str | None = None,
+        call_id: str | None = None,
+        progress: bool = False,
     ) -> ToolResult:
+        """One call (:meth:`ToolRouter.call`); ``call_id`` is the id it is cancelled by,
+        ``progress`` relays its progress notifications."""
         return self.router.call(
             tool,
             arguments,
@@ -121,6 +140,8 @@ class MCPClientManager:
             claim_key=claim_key,
             attempt=attempt,
             ledger_id=ledger_id,
+            call_id=call_id,
+            progress=progress,
         )
 
     def discover(self, server: str | None = None) -> dict[str, Any]:
@@ -227,6 +248,7 @@ class MCPClientManager:
         if self.sweeper is not None:
             self.sweeper.stop()
         self.claims.stop()
+        self.cancels.stop()
         self.pool.close()
         self._io.shutdown(wait=True, cancel_futures=False)
         self.redis.close()

@@ -19,6 +19,7 @@ Everything here runs on the loop thread; callers in task threads go through
 from __future__ import annotations
 
 import asyncio
+import concurrent.futures
 import contextlib
 import logging
 import math
@@ -240,6 +241,12 @@ class ServerSlots:
         session = Session(self.config, choice, self.pool.tools_changed)
         try:
             await session.open(timeout)
+        except asyncio.CancelledError:
+            # The waiting call was cancelled (a caller's cancel, or its task
+            # gave up): not the server's fault, so no backoff; the half-open
+            # session must not linger unowned.
+            self.pool.spawn(session.close())
+            raise
         except BaseException as exc:
             outcome = classify(exc, self.config.name, "connect", timeout)
             if choice.mode != self.config.protocol and not isinstance(exc, asyncio.CancelledError):
@@ -300,8 +307,14 @@ class ConnectionPool:
         self._reaper = self._loop.submit(self._reap_idle())
 
     # -- entry points for task threads -----------------------------------------
-    def run(self, coro: Coroutine[Any, Any, T], timeout: float | None = None) -> T:
-        return self._loop.run(coro, timeout)
+    def run(
+        self,
+        coro: Coroutine[Any, Any, T],
+        timeout: float | None = None,
+        on_submit: Callable[[concurrent.futures.Future[T]], None] | None = None,
+    ) -> T:
+        """Run ``coro`` on the loop from a task thread (:meth:`LoopThread.run`)."""
+        return self._loop.run(coro, timeout, on_submit)
 
     def loop_call(self, fn: Callable[..., Any], *args: Any) -> None:
         """Schedule a plain function on the loop thread (it may spawn tasks there)."""

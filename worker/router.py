@@ -7,6 +7,8 @@ inputSchema.
 
 from __future__ import annotations
 
+import concurrent.futures
+import contextlib
 import difflib
 import json
 import logging
@@ -18,11 +20,13 @@ from typing import Any
 from mcp import Client
 
 from mcpq.worker.breaker import Admission, BreakerPolicy, Claim, ServerGuard
+from mcpq.worker.cancellation import CallWatch, CancelListener
 from mcpq.worker.claims import CallInProgress, ClaimKeeper, worker_of
 from mcpq.worker.classify import Outcome, classify
 from mcpq.worker.config import MCPQConfig, MCPServerConfig
 from mcpq.worker.contract.errors import (
     AmbiguousToolError,
+    CallCancelledError,
     CircuitOpenError,
     InternalError,
     LimitExceededError,
@@ -37,6 +41,7 @@ from mcpq.worker.contract.errors import (
 from mcpq.worker.contract.result import ToolResult
 from mcpq.worker.discovery import Discovery
 from mcpq.worker.pool import ConnectionPool, OutcomeError
+from mcpq.worker.progress import ProgressPublisher, ProgressRelay
 from mcpq.worker.redact import scrub
 from mcpq.worker.registry import MCPServerRegistry
 from mcpq.worker.validation import validate_arguments
@@ -67,6 +72,15 @@ _IGNORED = Outcome(
 )
 
 
+class _Interrupted(Exception):
+    """A caller cancelled the call while this worker handled it; ``sent``: its
+    request may have reached the server."""
+
+    def __init__(self, sent: bool) -> None:
+        super().__init__("cancelled")
+        self.sent = sent
+
+
 def split_qualified(tool: str, server: str | None) -> tuple[str, str | None]:
     """``server/tool`` -> (tool, server). MCP tool names cannot contain '/'."""
     if server is None and "/" in tool:
@@ -85,13 +99,22 @@ class ToolRouter:
         discovery: Discovery,
         guard: ServerGuard,
         claims: ClaimKeeper,
+        cancels: CancelListener | None = None,
+        progress: ProgressPublisher | None = None,
     ) -> None:
+        """
+        :param cancels: this process's cancel listener (None: calls cannot be
+            interrupted once sent; the flag in admit still stops unsent ones).
+        :param progress: relays progress of calls that ask for it (None: none is relayed).
+        """
         self.config = config
         self.registry = registry
         self.pool = pool
         self.discovery = discovery
         self.guard = guard
         self.claims = claims
+        self.cancels = cancels
+        self.progress = progress
         self.policies = {name: BreakerPolicy.from_config(c) for name, c in config.mcp_servers.items()}
         self._failed_discovery: dict[str, tuple[float, MCPError]] = {}
 
@@ -191,7 +214,7 @@ class ToolRouter:
         admission = self.guard.admit(
             config.name, self.policies[config.name], uuid.uuid4().hex, lease_ttl, claim
         )
-        if admission.admitted or admission.decision in ("done", "busy", "orphaned"):
+        if admission.admitted or admission.decision in ("done", "busy", "orphaned", "cancelled"):
             return admission
         wait = round(admission.retry_after, 3)
         if admission.decision == "reject":
@@ -248,9 +271,40 @@ class ToolRouter:
         claim_key: str | None = None,
         attempt: int = 1,
         ledger_id: str | None = None,
+        call_id: str | None = None,
+        progress: bool = False,
     ) -> ToolResult:
         """Run one call and return its ToolResult; never raises, except
-        :class:`CallInProgress` when another live worker holds the call's claim."""
+        :class:`CallInProgress` when another live worker holds the call's claim.
+
+        :param call_id: the id callers cancel the call by (its task id, or its
+            id in a chunk); watched from before admit until the result.
+        :param progress: relay the server's progress notifications to Redis.
+        """
+        watching: contextlib.AbstractContextManager[CallWatch | None] = (
+            self.cancels.watch(call_id) if self.cancels is not None else contextlib.nullcontext(None)
+        )
+        relay = self.progress.relay(call_id) if progress and call_id and self.progress else None
+        with watching as watch:
+            return self._call(
+                tool, arguments, server, timeout, request_id, claim_key, attempt, ledger_id,
+                call_id, watch, relay,
+            )  # fmt: skip
+
+    def _call(
+        self,
+        tool: str,
+        arguments: dict[str, Any] | None,
+        server: str | None,
+        timeout: float | None,
+        request_id: str | None,
+        claim_key: str | None,
+        attempt: int,
+        ledger_id: str | None,
+        call_id: str | None,
+        watch: CallWatch | None,
+        relay: ProgressRelay | None,
+    ) -> ToolResult:
         started = time.monotonic()
         target: Target | None = None
         meta = {"request_id": request_id, "attempts": attempt}
@@ -262,15 +316,18 @@ class ToolRouter:
             validate_arguments(
                 target.tool, target.definition.get("inputSchema"), args, self.config.secret_patterns
             )
-            claim = self.claims.claim(claim_key, self._idempotent(target)) if claim_key else None
+            claim = self.claims.claim(claim_key, self._idempotent(target), call_id) if claim_key else None
             admission = self._admit(target.server, deadline, claim)
+            if admission.decision == "cancelled":
+                return self._cancelled_unsent(tool, target, admission, claim, started, meta)
             if admission.decision in ("done", "busy", "orphaned"):
                 return self._redelivered(tool, target, admission, claim, started, meta)
             self.claims.track(claim)
             try:
                 return self._send(
-                    tool, target, args, admission, claim, deadline, budget, started, meta, ledger_id
-                )
+                    tool, target, args, admission, claim, deadline, budget, started, meta, ledger_id,
+                    watch, relay,
+                )  # fmt: skip
             finally:
                 self.claims.untrack(claim)
         except CallInProgress:
@@ -297,11 +354,21 @@ class ToolRouter:
         started: float,
         meta: dict[str, Any],
         ledger_id: str | None = None,
+        watch: CallWatch | None = None,
+        relay: ProgressRelay | None = None,
     ) -> ToolResult:
         sent_at = time.monotonic()
         outcome: Outcome | None
         try:
-            data = self._execute(target, args, deadline, budget)
+            data = self._execute(target, args, deadline, budget, watch, relay)
+        except _Interrupted as exc:
+            # Cancellation we caused: neither success nor failure for the
+            # breaker, never retried, and the session stays (it is not broken).
+            err = self._cancelled_error(target, sent=exc.sent, attempts=meta["attempts"])
+            outcome = Outcome(error=err, breaker_failure=False, retryable=False, maybe_executed=exc.sent,
+                              session_broken=False)  # fmt: skip
+            result = self._failure(tool, target, err, started, meta)
+            log.info("call %s: %s", meta["request_id"], err.message)
         except OutcomeError as exc:
             outcome = exc.outcome
             outcome.error.details["retry_safe"] = outcome.retryable and (
@@ -330,6 +397,51 @@ class ToolRouter:
         if finished:
             result.details[LEDGER_CLEARED] = True
         return result
+
+    @staticmethod
+    def _cancelled_error(target: Target, *, sent: bool, attempts: int, died: str = "") -> CallCancelledError:
+        """The error of a call a caller cancelled. ``may_have_run``: this
+        attempt was sent, an earlier delivery died mid-call, or an earlier
+        attempt (which failed in a retryable way) may have reached the server."""
+        where = f"{target.tool!r} on {target.server.name!r}"
+        if sent:
+            text = f"the call to {where} was cancelled while it ran; it may have had effects"
+        elif died:
+            text = (
+                f"the call to {where} was cancelled; it was not sent again, but its earlier delivery "
+                f"on worker {worker_of(died)!r} stopped mid-call, so it may have run"
+            )
+        elif attempts > 1:
+            text = (
+                f"the call to {where} was cancelled before attempt {attempts} was sent; "
+                "an earlier attempt may have reached the server"
+            )
+        else:
+            text = f"the call to {where} was cancelled before it was sent"
+        return CallCancelledError(
+            text,
+            details={
+                "server": target.server.name,
+                "may_have_run": sent or bool(died) or attempts > 1,
+                "retry_safe": False,
+            },
+        )
+
+    def _cancelled_unsent(
+        self,
+        tool: str,
+        target: Target,
+        admission: Admission,
+        claim: Claim | None,
+        started: float,
+        meta: dict[str, Any],
+    ) -> ToolResult:
+        """Admit found the call's cancel flag: end it without sending, claim closed
+        with the result (so a redelivery answers the same)."""
+        err = self._cancelled_error(target, sent=False, attempts=meta["attempts"], died=admission.reason)
+        result = self._failure(tool, target, err, started, meta)
+        log.info("call %s: %s", meta["request_id"], err.message)
+        return self.claims.finish(claim, result) if claim is not None else result
 
     def _redelivered(
         self,
@@ -368,17 +480,43 @@ class ToolRouter:
         return override.timeout if override and override.timeout else config.timeout
 
     def _execute(
-        self, target: Target, args: dict[str, Any], deadline: float, budget: float
+        self,
+        target: Target,
+        args: dict[str, Any],
+        deadline: float,
+        budget: float,
+        watch: CallWatch | None = None,
+        relay: ProgressRelay | None = None,
     ) -> dict[str, Any]:
+        """The MCP request; raises :class:`_Interrupted` when ``watch`` fires first."""
+
         async def op(client: Client) -> dict[str, Any]:
             remaining = max(deadline - time.monotonic(), 0.001)
-            result = await client.call_tool(target.tool, args, read_timeout_seconds=remaining)
+            result = await client.call_tool(
+                target.tool, args, read_timeout_seconds=remaining, progress_callback=relay
+            )
             return result.model_dump(mode="json", by_alias=True, exclude_none=True)
 
+        if watch is not None and watch.fired:  # cancelled between admit and here
+            raise _Interrupted(sent=False)
         idempotent = self._idempotent(target)
         coro = self.pool.with_session(target.server.name, deadline, op, idempotent=idempotent)
-        # The loop enforces the deadline; this outer bound only guards against a wedged loop.
-        return self.pool.run(coro, timeout=budget + target.server.connect_timeout + 5)
+        try:
+            # The loop enforces the deadline; this outer bound only guards against a wedged loop.
+            return self.pool.run(
+                coro,
+                timeout=budget + target.server.connect_timeout + 5,
+                on_submit=watch.attach if watch is not None else None,
+            )
+        except concurrent.futures.CancelledError:
+            if watch is not None and watch.fired:
+                # Once handed to the loop the request may have been written
+                # (the loop sees the cancel only at its next await): say so.
+                raise _Interrupted(sent=True) from None
+            raise
+        finally:
+            if relay is not None:
+                relay.close()  # the last progress goes out before the result
 
     def _idempotent(self, target: Target) -> bool:
         configured = target.server.is_tool_idempotent(target.tool)

@@ -69,6 +69,7 @@ def call_tool(
     attempt: Any = 1,
     deadline_at: Any = None,
     waits: Any = 0,
+    progress: Any = False,
     **unknown: Any,
 ) -> dict[str, Any]:
     """Run one tool call; retries and waits re-enqueue this task, never sleep.
@@ -76,6 +77,8 @@ def call_tool(
     ``attempt``, ``deadline_at`` and ``waits`` are set by the task itself when
     it re-enqueues: attempts made so far, the wall-clock limit for waiting on
     limits or an open breaker, and how many such waits happened.
+    ``progress=True`` relays the server's progress to ``Keys.progress(task id)``.
+    The task id is also the id a caller cancels the call by.
     """
     request_id = str(request_id) if request_id else self.request.id
     problem = _check_call_shape(tool, arguments, server, timeout)
@@ -83,6 +86,8 @@ def call_tool(
         problem = InternalError(f"malformed task: unknown fields {sorted(unknown)}")
     if problem is None and not (isinstance(attempt, int) and isinstance(waits, int)):
         problem = InternalError("malformed task: 'attempt' and 'waits' must be integers")
+    if problem is None and not isinstance(progress, bool):
+        problem = InternalError(f"malformed task: 'progress' must be true or false, got {progress!r}")
     if problem is not None:
         return ToolResult.failure(str(tool), problem, request_id=request_id).to_dict()
     try:
@@ -97,6 +102,8 @@ def call_tool(
         tool=tool, arguments=arguments, server=server, timeout=timeout, request_id=request_id,
         idempotency_key=idempotency_key, attempt=attempt, deadline_at=deadline_at, waits=waits,
     )  # fmt: skip
+    if progress:  # only when asked: a message without it stays readable by older workers
+        call["progress"] = True
 
     def again(countdown: float, **changes: Any) -> Exception:
         """Re-enqueue this call (a new message), never sleeping on a slot."""
@@ -119,6 +126,8 @@ def call_tool(
             claim_key=claim_key,
             attempt=attempt,
             ledger_id=self.request.id,
+            call_id=self.request.id,
+            progress=progress,
         )
     except CallInProgress as busy:
         step: Again | None = when_busy(busy)
@@ -207,8 +216,11 @@ def call_chunk(self: Task, calls: Any = None, **unknown: Any) -> dict[str, Any]:
         futures = [pool.submit(_run_chunk_call, manager, writer, entry, queue) for entry in calls]
         outcomes = [future.result() for future in futures]
         if self.request.id:
+            # The chunk's calls were also known by their own ids (Ledger.knows):
+            # each has its result now, or its own entry once re-enqueued.
+            members = [e["id"] for e in calls if isinstance(e, dict) and isinstance(e.get("id"), str)]
             try:
-                manager.ledger.clear(self.request.id)
+                manager.ledger.clear(self.request.id, members=members)
             except redis.RedisError as exc:  # a republished chunk is answered from its claims
                 log.warning("could not clear chunk %s from the ledger: %s", self.request.id, exc)
     counts = Counter(outcomes)
@@ -223,7 +235,10 @@ def _run_chunk_call(manager: MCPClientManager, writer: ResultWriter, entry: Any,
     call_id: str = entry["id"]
     tool: Any = entry.get("tool")
     arguments, server, timeout = entry.get("arguments"), entry.get("server"), entry.get("timeout")
+    progress = entry.get("progress", False)
     problem = _check_call_shape(tool, arguments, server, timeout)
+    if problem is None and not isinstance(progress, bool):
+        problem = InternalError(f"malformed call: 'progress' must be true or false, got {progress!r}")
     if problem is None and set(entry) - _CHUNK_CALL_FIELDS:
         problem = InternalError(f"malformed call: unknown fields {sorted(set(entry) - _CHUNK_CALL_FIELDS)}")
     if problem is not None:
@@ -234,6 +249,7 @@ def _run_chunk_call(manager: MCPClientManager, writer: ResultWriter, entry: Any,
             result = manager.call_tool(
                 tool, arguments, server=server, timeout=timeout,
                 request_id=call_id, claim_key=f"{call_id}:1", attempt=1,
+                call_id=call_id, progress=progress,
             )  # fmt: skip
         except CallInProgress as busy:
             step: Again | None = when_busy(busy)
@@ -243,7 +259,7 @@ def _run_chunk_call(manager: MCPClientManager, writer: ResultWriter, entry: Any,
             kwargs = {
                 "tool": tool, "arguments": arguments, "server": server, "timeout": timeout,
                 "request_id": call_id, "attempt": 1, "deadline_at": deadline_at, "waits": 0,
-                **step.changes,
+                **({"progress": True} if progress else {}), **step.changes,
             }  # fmt: skip
             _requeue(manager, call_id, kwargs, step.countdown, queue)
             return "requeued"
@@ -256,7 +272,7 @@ def _run_chunk_call(manager: MCPClientManager, writer: ResultWriter, entry: Any,
         )
 
 
-_CHUNK_CALL_FIELDS = frozenset({"id", "tool", "arguments", "server", "timeout"})
+_CHUNK_CALL_FIELDS = frozenset({"id", "tool", "arguments", "server", "timeout", "progress"})
 
 
 def _store_failure(writer: ResultWriter, entry: Any, error: MCPError) -> str:

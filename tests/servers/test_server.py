@@ -25,7 +25,7 @@ from contextlib import contextmanager
 from pathlib import Path
 from typing import Annotated, Literal
 
-from mcp.server.mcpserver import MCPServer
+from mcp.server.mcpserver import Context, MCPServer
 from mcp.server.mcpserver.exceptions import ToolError
 from mcp.shared.exceptions import MCPError
 from mcp.types import ToolAnnotations
@@ -147,6 +147,48 @@ async def slow_count(key: _KEY, ms: Annotated[int, Field(ge=0, le=3_600_000)]) -
     return n
 
 
+async def progress(
+    key: _KEY,
+    steps: Annotated[int, Field(ge=1, le=10_000)],
+    ms: Annotated[int, Field(ge=0, le=60_000)],
+    ctx: Context,
+) -> int:
+    """Count one execution for key, report steps progress notifications ms apart
+    (progress 1..steps, total=steps, message "step i of steps"), then return steps."""
+    count(key)
+    for i in range(1, steps + 1):
+        await ctx.report_progress(i, steps, f"step {i} of {steps}")
+        if i < steps:
+            await asyncio.sleep(ms / 1000)
+    return steps
+
+
+def _event(key: str, what: str) -> None:
+    fd = os.open(_count_dir() / f"{key}.events", os.O_WRONLY | os.O_APPEND | os.O_CREAT, 0o644)
+    try:
+        os.write(fd, f"{what} {os.getpid()}\n".encode())
+    finally:
+        os.close(fd)
+
+
+async def wait_for_cancel(key: _KEY, ms: Annotated[int, Field(ge=0, le=3_600_000)]) -> str:
+    """Record "started", hold the call for ms milliseconds, record "finished" and return "finished".
+
+    If the request is cancelled meanwhile (the SDK interrupts the handler on
+    notifications/cancelled, or when a 2026-07-28 HTTP request's stream
+    closes), record "cancelled" instead and let the cancellation propagate.
+    Events are lines "<event> <pid>" in $MCPQ_TEST_COUNT_DIR/<key>.events.
+    """
+    _event(key, "started")
+    try:
+        await asyncio.sleep(ms / 1000)
+    except BaseException:  # asyncio.CancelledError, anyio's cancellation on asyncio
+        _event(key, "cancelled")
+        raise
+    _event(key, "finished")
+    return "finished"
+
+
 def pid() -> int:
     """Return the server process id."""
     return os.getpid()
@@ -189,6 +231,8 @@ def build_server(name: str = DEFAULT_NAME, only_echo: bool = False) -> MCPServer
     server.add_tool(count)
     server.add_tool(concurrency)
     server.add_tool(pid)
+    server.add_tool(progress)
+    server.add_tool(wait_for_cancel)
     server.add_tool(flaky)
     server.add_tool(slow_count)
     server.add_tool(big)

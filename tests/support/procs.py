@@ -482,6 +482,16 @@ def read_count(count_dir: str | os.PathLike[str], key: str) -> int:
         return 0
 
 
+def read_events(count_dir: str | os.PathLike[str], key: str) -> list[str]:
+    """What ``wait_for_cancel(key, ms)`` calls recorded, in order: "started",
+    "cancelled", "finished" (one word per event, the server's pid left out)."""
+    try:
+        lines = (Path(count_dir) / f"{key}.events").read_text().splitlines()
+    except FileNotFoundError:
+        return []
+    return [line.split()[0] for line in lines if line.strip()]
+
+
 def read_concurrency(count_dir: str | os.PathLike[str], key: str) -> tuple[int, int]:
     """(in flight now, peak in flight) for ``concurrency(key, ms)`` calls sharing ``count_dir``."""
     try:

@@ -7,7 +7,7 @@
 -- reported (or, when idempotent, taken over and run again).
 --
 -- KEYS[1] breaker hash   KEYS[2] in-flight zset (concurrency)   KEYS[3] rate key (GCRA)
--- KEYS[4] execution claim hash
+-- KEYS[4] execution claim hash   KEYS[5] the call's cancel flag (only with a claim; optional)
 -- ARGV[1] token              ARGV[2] lease ttl ms (>= the call's deadline)
 -- ARGV[3] half_open_max      ARGV[4] max_concurrency (0 = none)
 -- ARGV[5] rate calls (0 = none)   ARGV[6] rate period ms
@@ -18,6 +18,12 @@
 --   decision: "allow" | "probe" (a half-open lease was granted) | "reject" (breaker) | "limited"
 --             | "done" (stored_result holds the finished call's ToolResult JSON)
 --             | "busy" (reason = the live owner) | "orphaned" (reason = the owner that died)
+--             | "cancelled" (a caller flagged the call; reason = the owner that died mid-call, if any)
+--
+-- Order: a finished call answers with its result (cancelling it changes
+-- nothing); a live duplicate waits (the running delivery is interrupted and
+-- writes the one result); then the cancel flag, before the breaker and the
+-- limits, so a cancelled call takes no probe, slot or rate token.
 
 local t = redis.call('TIME')
 local now = tonumber(t[1]) * 1000 + math.floor(tonumber(t[2]) / 1000)
@@ -35,13 +41,20 @@ if owner ~= '' then
   if claim[1] == 'done' then
     return {'done', 'closed', 0, claim[2] or '', claim[4] or ''}
   end
+  local died = ''
   if claim[1] == 'running' and claim[2] ~= owner then
     local age = now - tonumber(claim[3] or '0')
     if age < claim_lease then
       return {'busy', 'closed', claim_lease - age, claim[2], ''}
     end
+    died = claim[2]
+  end
+  if KEYS[5] and redis.call('EXISTS', KEYS[5]) == 1 then
+    return {'cancelled', 'closed', 0, died, ''}
+  end
+  if died ~= '' then
     if ARGV[10] ~= '1' then
-      return {'orphaned', 'closed', 0, claim[2], ''}
+      return {'orphaned', 'closed', 0, died, ''}
     end
     takeover = true
   end
