@@ -7,9 +7,14 @@
 Importing this package never imports the MCP SDK.
 """
 
+from mcpq.producer.aio import AsyncCallHandle, AsyncToolQueue
+from mcpq.producer.cancelling import CancelOutcome
+from mcpq.producer.events import CallEvent, ProgressEvent, ResultEvent, StatusEvent
 from mcpq.producer.queue import CallHandle, ToolQueue
 from mcpq.worker.contract.errors import (
     AmbiguousToolError,
+    CallCancelledError,
+    CallNotFoundError,
     CircuitOpenError,
     ErrorCode,
     InvalidArgumentsError,
@@ -21,19 +26,30 @@ from mcpq.worker.contract.errors import (
     ToolExecutionError,
     ToolNotFoundError,
 )
+from mcpq.worker.contract.progress import ProgressUpdate
 from mcpq.worker.contract.result import ToolResult
 
 __all__ = [
     "AmbiguousToolError",
+    "AsyncCallHandle",
+    "AsyncToolQueue",
+    "CallCancelledError",
+    "CallEvent",
     "CallHandle",
+    "CallNotFoundError",
+    "CancelOutcome",
     "CircuitOpenError",
     "ErrorCode",
     "InvalidArgumentsError",
     "MCPConnectionError",
     "MCPError",
     "MCPTimeoutError",
+    "ProgressEvent",
+    "ProgressUpdate",
+    "ResultEvent",
     "ServerDisabledError",
     "ServerNotFoundError",
+    "StatusEvent",
     "ToolExecutionError",
     "ToolNotFoundError",
     "ToolQueue",

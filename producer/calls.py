@@ -17,12 +17,15 @@ from celery import states
 from mcpq.worker.contract.arguments import check_arguments
 from mcpq.worker.contract.errors import ErrorCode, InvalidArgumentsError
 from mcpq.worker.contract.numbers import seconds
+from mcpq.worker.contract.progress import ProgressUpdate
 from mcpq.worker.contract.result import ToolResult
 
 #: Most calls :func:`auto_chunk_size` packs into one chunk task.
 MAX_AUTO_CHUNK = 25
 
 ProgressCallback = Callable[["Progress"], None]
+#: ``on_call_progress(index, update)``: one call of a batch reported progress.
+CallProgressCallback = Callable[[int, ProgressUpdate], None]
 
 _CALL_KEYS = frozenset({"tool", "arguments", "server", "timeout"})
 
@@ -189,4 +192,26 @@ def invalid_call_result(item: Any, index: int, exc: InvalidArgumentsError) -> To
         error=f"call {index}: {exc.message}",
         error_code=ErrorCode.INVALID_ARGUMENTS.value,
         details={"index": index},
+    )
+
+
+def unsent_cancelled_result(item: Any, index: int, task_id: str | None) -> ToolResult:
+    """The ``cancelled`` result of input item ``index`` of a batch cancelled
+    before the item was published: it never reached a worker. ``task_id`` is
+    the id it was given up front, if any."""
+    if isinstance(item, Call):
+        label = item.label
+    else:
+        tool = item.get("tool") if isinstance(item, Mapping) else None
+        server = item.get("server") if isinstance(item, Mapping) else None
+        name = tool if isinstance(tool, str) and tool else "?"
+        label = f"{server}/{name}" if isinstance(server, str) and server else name
+    return ToolResult(
+        success=False,
+        tool_name=label,
+        error=f"call {index} was cancelled before it was sent",
+        error_code=ErrorCode.CANCELLED.value,
+        request_id=task_id,
+        attempts=0,
+        details={"index": index, "may_have_run": False, "retry_safe": False, "sent": False},
     )

@@ -202,6 +202,14 @@ class ResultCollector:
             if meta.get("status") in states.READY_STATES:
                 yield task_id, meta
 
+    def pending_ids(self) -> list[str]:
+        """Task ids of every outstanding call."""
+        return list(self._pending)
+
+    def pending(self) -> list[tuple[str, PendingCall]]:
+        """``(task id, slot)`` of every outstanding call."""
+        return list(self._pending.items())
+
     def states(self) -> dict[str, str]:
         """Last known state of every outstanding call (one read each, for diagnostics)."""
         out: dict[str, str] = {}

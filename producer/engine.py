@@ -54,21 +54,61 @@ from mcpq.producer.calls import (
     auto_chunk_size,
     coerce_call,
     invalid_call_result,
+    unsent_cancelled_result,
 )
 from mcpq.producer.collector import PendingCall, ResultCollector, backend_unreachable
 from mcpq.producer.fanout_options import DEFAULT_WINDOW, FanOutConfig
 from mcpq.producer.publish_policy import PUBLISH_RETRY, RESULT_GRACE
+from mcpq.producer.sending import plan_chunks, record_chunks, send_chunks
 from mcpq.worker.contract.errors import ErrorCode, InvalidArgumentsError, MCPConnectionError
 from mcpq.worker.contract.ledger import ledger_message
-from mcpq.worker.contract.redact import describe_call, describe_chunk, redact_url
+from mcpq.worker.contract.progress import ProgressUpdate
+from mcpq.worker.contract.redact import describe_call, redact_url
 from mcpq.worker.contract.result import ToolResult
 from mcpq.worker.contract.settings import Settings
-from mcpq.worker.contract.task_names import CALL_CHUNK, CALL_TOOL, MAX_CHUNK_CALLS
+from mcpq.worker.contract.task_names import CALL_TOOL, MAX_CHUNK_CALLS
 from mcpq.worker.contract.unreachable import is_unreachable
 
 #: Calls published per round. Small enough that publishing one round never
 #: holds up reading results for long.
 PUBLISH_BATCH = 200
+#: How often a batch with ``on_call_progress`` reads its calls' latest progress.
+PROGRESS_POLL_INTERVAL = 0.2
+
+
+def batch_shape(config: FanOutConfig, total: int | None) -> tuple[int | None, int, int]:
+    """``(window, chunk_size, publish_batch)`` of a batch of ``total`` calls (None:
+    unknown): the window (None: no limit), calls per task (never more than the
+    window holds) and calls per publishing round (a whole number of tasks).
+    Raises ValueError for a ``chunk_size`` or ``window`` out of range."""
+    chunk_size = config.chunk_size
+    if chunk_size is not None and not 1 <= chunk_size <= MAX_CHUNK_CALLS:
+        raise ValueError(f"chunk_size must be from 1 to {MAX_CHUNK_CALLS}")
+    window = DEFAULT_WINDOW if config.window is None else config.window
+    if window < 0:
+        raise ValueError("window must be 0 (no limit) or more")
+    size = min(chunk_size or auto_chunk_size(total), window or MAX_CHUNK_CALLS)
+    return window or None, size, max(PUBLISH_BATCH // size, 1) * size
+
+
+def stalled_result(label: str, task_id: str, state: str, stall: float, queue: str) -> ToolResult:
+    """The result of a call given up after its batch made no progress for
+    ``stall`` seconds, while the call was in Celery ``state``."""
+    if state == states.PENDING:
+        code = ErrorCode.TIMEOUT
+        why = f"still queued (no worker took it): is a worker consuming {queue!r}?"
+    else:
+        code = ErrorCode.INTERNAL_ERROR
+        why = f"in state {state} with no result: its worker may have died"
+    return ToolResult(
+        success=False,
+        tool_name=label,
+        error=f"no result for task {task_id} after the batch made no progress "
+        f"for {stall:g}s; the call is {why}",
+        error_code=code.value,
+        request_id=task_id,
+        details={"task_id": task_id, "state": state, "stalled": True},
+    )
 
 
 class Publisher(Protocol):
@@ -84,8 +124,19 @@ class Publisher(Protocol):
         """Default queue, default call timeout, broker URL, secret patterns."""
         ...
 
-    def record_in_ledger(self, entries: list[tuple[str, dict[str, Any]]]) -> None:
-        """Write ``(task id, ledger message)`` entries before they are published."""
+    def record_in_ledger(
+        self, entries: list[tuple[str, dict[str, Any]]], members: Sequence[tuple[str, str]] = ()
+    ) -> None:
+        """Write ``(task id, ledger message)`` entries before they are published,
+        and ``(call id, chunk id)`` members of chunk tasks."""
+        ...
+
+    def request_cancel(self, task_ids: Sequence[str]) -> None:
+        """Flag calls as cancelled (contract/cancel.py) in one round trip."""
+        ...
+
+    def read_progress(self, task_ids: Sequence[str]) -> list[ProgressUpdate | None]:
+        """The latest progress of each call (None: none reported), in one round trip."""
         ...
 
 
@@ -119,22 +170,19 @@ class BatchRun:
         every call its task id up front (one per call, in input order), else
         each gets a fresh one when published. Raises ValueError for a
         ``chunk_size`` or ``window`` out of range."""
-        chunk_size = config.chunk_size
-        if chunk_size is not None and not 1 <= chunk_size <= MAX_CHUNK_CALLS:
-            raise ValueError(f"chunk_size must be from 1 to {MAX_CHUNK_CALLS}")
-        window = DEFAULT_WINDOW if config.window is None else config.window
-        if window < 0:
-            raise ValueError("window must be 0 (no limit) or more")
         self.publisher = publisher
         self.app = publisher.app
         self.queue_name = config.queue or publisher.settings.queue
         self.total: int | None = len(calls) if isinstance(calls, Sized) else None
-        self.window = window or None
-        #: Calls per task (never more than the window holds), and calls per
-        #: publishing round (a whole number of tasks).
-        self.chunk_size = min(chunk_size or auto_chunk_size(self.total), self.window or MAX_CHUNK_CALLS)
-        self.publish_batch = max(PUBLISH_BATCH // self.chunk_size, 1) * self.chunk_size
+        #: Calls outstanding at most (None: no limit), calls per task, calls
+        #: per publishing round.
+        self.window, self.chunk_size, self.publish_batch = batch_shape(config, self.total)
         self.on_progress = config.on_progress
+        self.on_call_progress = config.on_call_progress
+        #: The latest progress handed to ``on_call_progress``, per outstanding call id.
+        self._seen_progress: dict[str, ProgressUpdate] = {}
+        self._last_progress_poll = 0.0
+        self.cancelled = False
         self._publish_retry = PUBLISH_RETRY
         self._grace = RESULT_GRACE
         self._stall_timeout = config.stall_timeout
@@ -177,6 +225,9 @@ class BatchRun:
         out: list[tuple[int, ToolResult]] = []
         while self._ready:
             out.append(self._ready.popleft())
+        if self.on_call_progress is not None:
+            self._poll_progress()
+            wait = min(wait, PROGRESS_POLL_INTERVAL)
         if not out and self.collector:
             wait = min(wait, self._until_stall())
             out.extend((slot.index, result) for slot, result in self.collector.take(wait))
@@ -185,6 +236,8 @@ class BatchRun:
             elif self._until_stall() <= 0:
                 out.extend(self._give_up())
         for _, result in out:
+            if result.request_id is not None:
+                self._seen_progress.pop(result.request_id, None)
             self.done += 1
             if not result.success:
                 self.failed += 1
@@ -201,6 +254,36 @@ class BatchRun:
         """Stop publishing and following results (published calls keep running)."""
         self.collector.close()
 
+    def cancel(self) -> int:
+        """Cancel the batch: ask workers to cancel every published call not
+        finished yet (each still ends with its own result, ``cancelled`` unless
+        it finished first), and publish nothing more: the calls not sent yet
+        end with ``cancelled`` results at once (the rest of the input is read
+        for them). Returns how many calls were asked to cancel or ended unsent.
+        Raises MCPConnectionError when the state Redis cannot be reached."""
+        self.cancelled = True
+        ids = self.collector.pending_ids()
+        if ids:
+            self.publisher.request_cancel(ids)
+        before = len(self._ready)
+        self.refill()
+        return len(ids) + len(self._ready) - before
+
+    def _poll_progress(self) -> None:
+        """Hand ``on_call_progress`` the progress that changed since the last poll
+        (one MGET over the outstanding calls, at most every PROGRESS_POLL_INTERVAL)."""
+        now = time.monotonic()
+        if now - self._last_progress_poll < PROGRESS_POLL_INTERVAL or not self.collector:
+            return
+        self._last_progress_poll = now
+        assert self.on_call_progress is not None
+        slots = self.collector.pending()
+        updates = self.publisher.read_progress([task_id for task_id, _ in slots])
+        for (task_id, slot), update in zip(slots, updates, strict=True):
+            if update is not None and self._seen_progress.get(task_id) != update:
+                self._seen_progress[task_id] = update
+                self.on_call_progress(slot.index, update)
+
     # -- publishing ---------------------------------------------------------------
     def _room(self) -> int:
         if self.window is None:
@@ -211,6 +294,9 @@ class BatchRun:
         """Publish as many rounds as the window has room for (all of the input
         with no window); calls that are not valid calls are answered at once."""
         while not self.exhausted:
+            if self.cancelled:
+                self._answer_unsent()
+                return
             # Whole tasks only: a round waits until the window has room for a full chunk.
             size = min(self.publish_batch, self._room() // self.chunk_size * self.chunk_size)
             if size <= 0:
@@ -231,6 +317,15 @@ class BatchRun:
             if batch:
                 self._publish(batch)
 
+    def _answer_unsent(self) -> None:
+        """After a cancel: every call not read yet ends ``cancelled``, unsent."""
+        for index, item in self._input:
+            self.submitted += 1
+            task_id = self._task_ids[index] if self._task_ids is not None else None
+            self._ready.append((index, unsent_cancelled_result(item, index, task_id)))
+        self.exhausted = True
+        self.total = self.submitted
+
     def _publish(self, batch: list[tuple[int, Call]]) -> None:
         settings = self.publisher.settings
         items: list[OutgoingCall] = []
@@ -241,6 +336,8 @@ class BatchRun:
                 kwargs["server"] = call.server
             if call.timeout is not None:
                 kwargs["timeout"] = call.timeout
+            if self.on_call_progress is not None:
+                kwargs["progress"] = True  # only when someone listens: no traffic otherwise
             self._longest_call = max(self._longest_call, call.timeout or settings.default_timeout)
             items.append(OutgoingCall(index, call, task_id, kwargs))
         with self._publishing():
@@ -277,37 +374,14 @@ class BatchRun:
     def _publish_chunks(self, items: list[OutgoingCall]) -> None:
         """``chunk_size`` calls per ``mcpq.call_chunk`` task. The chunk has no
         result of its own: each call's result is stored under the call's id."""
-        chunks: list[tuple[str, list[dict[str, Any]], str]] = []
-        for start in range(0, len(items), self.chunk_size):
-            piece = items[start : start + self.chunk_size]
-            calls = [{"id": o.task_id, **o.kwargs} for o in piece]
-            chunks.append((str(uuid.uuid4()), calls, describe_chunk([o.call.label for o in piece])))
-        self.publisher.record_in_ledger(
-            [
-                (chunk_id, ledger_message({"calls": calls}, self.queue_name, shown, task=CALL_CHUNK))
-                for chunk_id, calls, shown in chunks
-            ]
-        )
+        chunks = plan_chunks([({"id": o.task_id, **o.kwargs}, o.call.label) for o in items], self.chunk_size)
+        record_chunks(self.publisher.record_in_ledger, chunks, self.queue_name)
         # Listen before publishing, so no result can come before its listener.
         for o in items:
             self.collector.add(
                 PendingCall(o.index, o.call.label, AsyncResult(o.task_id, app=self.app), o.call.timeout)
             )
-        with self.app.producer_or_acquire() as producer:
-            for chunk_id, calls, shown in chunks:
-                self.app.send_task(
-                    CALL_CHUNK,
-                    kwargs={"calls": calls},
-                    task_id=chunk_id,
-                    queue=self.queue_name,
-                    producer=producer,
-                    retry=True,
-                    retry_policy=self._publish_retry,
-                    ignore_result=True,
-                    argsrepr="()",
-                    kwargsrepr=shown,
-                )
-                self.chunk_ids.append(chunk_id)
+        self.chunk_ids.extend(send_chunks(self.app, chunks, self.queue_name, self._publish_retry))
 
     @contextlib.contextmanager
     def _publishing(self) -> Iterator[None]:
@@ -363,25 +437,6 @@ class BatchRun:
         for slot in self.collector.pop_all():
             task_id = str(slot.result.id)
             state = known.get(task_id, states.PENDING)
-            if state == states.PENDING:
-                code = ErrorCode.TIMEOUT
-                why = f"still queued (no worker took it): is a worker consuming {self.queue_name!r}?"
-            else:
-                code = ErrorCode.INTERNAL_ERROR
-                why = f"in state {state} with no result: its worker may have died"
-            out.append(
-                (
-                    slot.index,
-                    ToolResult(
-                        success=False,
-                        tool_name=slot.label,
-                        error=f"no result for task {task_id} after the batch made no progress "
-                        f"for {stall:g}s; the call is {why}",
-                        error_code=code.value,
-                        request_id=task_id,
-                        details={"task_id": task_id, "state": state, "stalled": True},
-                    ),
-                )
-            )
+            out.append((slot.index, stalled_result(slot.label, task_id, state, stall, self.queue_name)))
         self._last_activity = time.monotonic()
         return out

@@ -203,6 +203,15 @@ class FanOutHandle:
             self._results[index] = result
         return items
 
+    def cancel(self) -> int:
+        """Cancel the batch's calls not finished yet: published ones are asked
+        to cancel (each still ends with its own result: ``cancelled``, unless it
+        finished first), unpublished ones are never sent and end ``cancelled``
+        at once (``details.sent`` is False). Keep reading ``results()`` /
+        ``iter_completed()`` for the outcomes. Returns how many calls the cancel
+        reached. Raises MCPConnectionError when the state Redis is unreachable."""
+        return self._run.cancel()
+
     def close(self) -> None:
         """Stop following the batch (the calls themselves keep running)."""
         self._run.close()

@@ -20,7 +20,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import TypedDict, Unpack
 
-from mcpq.producer.calls import ProgressCallback
+from mcpq.producer.calls import CallProgressCallback, ProgressCallback
 
 #: Calls of one batch outstanding (published, not yet answered) at most, when
 #: ``window`` is None.
@@ -35,6 +35,7 @@ class FanOutOptions(TypedDict, total=False):
     means and its default."""
 
     on_progress: ProgressCallback | None
+    on_call_progress: CallProgressCallback | None
     chunk_size: int | None
     window: int | None
     queue: str | None
@@ -47,6 +48,13 @@ class FanOutConfig:
 
     ``on_progress`` (default None)
         Called with a :class:`~mcpq.producer.calls.Progress` after every result.
+    ``on_call_progress`` (default None)
+        Called as ``on_call_progress(index, ProgressUpdate)`` when call
+        ``index`` reports progress. Setting it makes every call of the batch
+        ask its server for progress (``progress=True``); without it there is
+        no progress traffic at all. The sync face reads the latest progress
+        of outstanding calls every 0.2 s, the asyncio face is told at once;
+        both hand over each change at most once.
     ``chunk_size`` (default None)
         Calls per task. None: :func:`~mcpq.producer.calls.auto_chunk_size`
         picks by batch size; 1: one ``mcpq.call_tool`` task per call; at most
@@ -64,6 +72,7 @@ class FanOutConfig:
     """
 
     on_progress: ProgressCallback | None = None
+    on_call_progress: CallProgressCallback | None = None
     chunk_size: int | None = None
     window: int | None = None
     queue: str | None = None

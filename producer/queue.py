@@ -7,46 +7,59 @@ it never imports the MCP SDK.
 from __future__ import annotations
 
 import contextlib
-import json
 import logging
 import time
-import uuid
-from collections.abc import Iterable, Iterator, Mapping
-from typing import Any, Unpack
+from collections.abc import Iterable, Iterator, Mapping, Sequence
+from typing import Any, TypeVar, Unpack
 
 import redis
 from celery import Celery
 from celery.exceptions import TimeoutError as CeleryTimeoutError
 from celery.result import AsyncResult
 
-from mcpq.producer import fanout
+from mcpq.producer import fanout, fleet_state
 from mcpq.producer.calls import Call
+from mcpq.producer.cancelling import (
+    NOT_FOUND_WAIT,
+    CancelOutcome,
+    cancel_step,
+    checked_call_id,
+    final_result,
+    not_found,
+    read_meta,
+)
 from mcpq.producer.fanout import FanOutHandle
 from mcpq.producer.fanout_options import FanOutOptions
 
 # Shared with fan-out (producer/engine.py); still importable from here.
 from mcpq.producer.publish_policy import PUBLISH_RETRY as PUBLISH_RETRY
 from mcpq.producer.publish_policy import RESULT_GRACE as RESULT_GRACE
+from mcpq.producer.submission import (
+    call_label,
+    checked_seconds,
+    claim_idempotency_key,
+    not_enqueued_result,
+    prepare_call,
+    timed_out_result,
+)
 from mcpq.worker.contract.app import make_app
-from mcpq.worker.contract.arguments import check_arguments
-from mcpq.worker.contract.breaker_state import breaker_status, reset_breaker
+from mcpq.worker.contract.cancel import request_cancel
 from mcpq.worker.contract.errors import (
     ErrorCode,
-    InvalidArgumentsError,
-    MCPConnectionError,
+    MCPError,
     MCPTimeoutError,
-    ServerNotFoundError,
 )
 from mcpq.worker.contract.keys import Keys
-from mcpq.worker.contract.ledger import Ledger, ledger_message
-from mcpq.worker.contract.numbers import seconds
-from mcpq.worker.contract.redact import describe_call
+from mcpq.worker.contract.ledger import Ledger
+from mcpq.worker.contract.plans import Plan, run_plan
+from mcpq.worker.contract.progress import ProgressUpdate
 from mcpq.worker.contract.result import ToolResult
 from mcpq.worker.contract.settings import Settings
 from mcpq.worker.contract.task_names import CALL_TOOL, DISCOVER, HEALTH
 from mcpq.worker.contract.unreachable import exception_chain, is_unreachable, unreachable_error
 
 log = logging.getLogger(__name__)
+T = TypeVar("T")
 
 
 def _root(exc: BaseException) -> BaseException:
@@ -68,12 +81,37 @@ def release(async_result: AsyncResult) -> None:
 
 
 class CallHandle:
-    """A submitted call. ``result()`` waits for and returns its ToolResult."""
+    """A submitted call. ``result()`` waits for and returns its ToolResult;
+    ``cancel()`` cancels it; ``progress`` is its latest progress."""
 
-    def __init__(self, async_result: AsyncResult, tool: str, wait_hint: float | None = None) -> None:
+    def __init__(
+        self,
+        async_result: AsyncResult,
+        tool: str,
+        wait_hint: float | None = None,
+        queue: ToolQueue | None = None,
+    ) -> None:
+        """Made by :meth:`ToolQueue.submit` and :meth:`ToolQueue.get`:
+        ``async_result`` follows the task, ``tool`` names the call, ``wait_hint``
+        is ``result()``'s default wait, ``queue`` the queue for cancel and progress."""
         self._async = async_result
         self.tool = tool
         self._wait_hint = wait_hint
+        self._queue = queue
+
+    @property
+    def progress(self) -> ProgressUpdate | None:
+        """The latest progress the call reported (one read of the state Redis),
+        or None: none yet, or the call was not submitted with ``progress=True``."""
+        if self._queue is None:
+            return None
+        return self._queue.progress_of(self.id)
+
+    def cancel(self) -> CancelOutcome:
+        """Cancel the call: see :meth:`ToolQueue.cancel`."""
+        if self._queue is None:
+            raise MCPError("this handle has no queue to cancel through; use ToolQueue.cancel(id)")
+        return self._queue.cancel(self.id)
 
     @property
     def id(self) -> str:
@@ -151,54 +189,52 @@ class ToolQueue:
         request_id: str | None = None,
         idempotency_key: str | None = None,
         queue: str | None = None,
+        progress: bool = False,
     ) -> CallHandle:
         """Enqueue one call and return at once. ``tool`` may be ``server/tool``;
-        ``queue`` overrides MCPQ_QUEUE (e.g. to pin calls to a worker group).
+        ``queue`` overrides MCPQ_QUEUE (e.g. to pin calls to a worker group);
+        ``progress=True`` asks the worker to relay the server's progress
+        (``CallHandle.progress``; without it there is no progress traffic).
 
         Raises InvalidArgumentsError, before anything is sent, for arguments that
         are not JSON the SDK can send and for a timeout that is not a positive
         finite number of seconds."""
-        check_arguments(arguments, tool)
-        if timeout is not None:
-            timeout = self._seconds(timeout, "timeout")
-        task_id = request_id or str(uuid.uuid4())
-        kwargs: dict[str, Any] = {"tool": tool, "arguments": arguments or {}}
-        if server is not None:
-            kwargs["server"] = server
-        if timeout is not None:
-            kwargs["timeout"] = timeout
-        if request_id is not None:
-            kwargs["request_id"] = request_id
-        if idempotency_key is not None:
-            kwargs["idempotency_key"] = idempotency_key
-        label = f"{server}/{tool}" if server else tool
-        wait_hint = (timeout if timeout is not None else self.settings.default_timeout) + RESULT_GRACE
-        if idempotency_key is not None:
-            first = self._first_with_key(idempotency_key, task_id, tool, arguments, server)
-            if first is not None:
-                # Same key, same call, within the window: the first call's result is this one's.
-                return CallHandle(AsyncResult(first, app=self.app), label, wait_hint)
-        queue_name = queue or self.settings.queue
-        shown = describe_call(label, arguments or {}, self._secret_patterns)
-        self.record_in_ledger([(task_id, ledger_message(kwargs, queue_name, shown))])
+        prepared = prepare_call(
+            self.settings,
+            tool,
+            arguments,
+            server=server,
+            timeout=timeout,
+            request_id=request_id,
+            idempotency_key=idempotency_key,
+            queue=queue,
+            progress=progress,
+        )
+        first = claim_idempotency_key(self.redis, self.keys, self.settings, prepared)
+        if first is not None:
+            # Same key, same call, within the window: the first call's result is this one's.
+            return CallHandle(AsyncResult(first, app=self.app), prepared.label, prepared.wait_hint, self)
+        self.record_in_ledger([prepared.ledger_entry])
         try:
+            # send_task, not sending.send_call_tool: it subscribes Celery's
+            # result consumer to the call, which is how result() hears of it.
             async_result = self.app.send_task(
                 CALL_TOOL,
-                kwargs=kwargs,
-                task_id=task_id,
-                queue=queue_name,
+                kwargs=prepared.kwargs,
+                task_id=prepared.task_id,
+                queue=prepared.queue,
                 retry=True,
                 retry_policy=PUBLISH_RETRY,
                 # Flower and logs show the tool and the arguments with secret
                 # values masked; the broker message itself still holds them.
                 argsrepr="()",
-                kwargsrepr=shown,
+                kwargsrepr=prepared.shown,
             )
         except Exception as exc:
             if not is_unreachable(exc):
                 raise
             raise unreachable_error("broker_or_backend", self.settings.broker_url, exc) from None
-        return CallHandle(async_result, label, wait_hint)
+        return CallHandle(async_result, prepared.label, prepared.wait_hint, self)
 
     @property
     def ledger(self) -> Ledger:
@@ -206,39 +242,80 @@ class ToolQueue:
             self._ledger = Ledger(self.redis, self.keys, self.settings.ledger_grace)
         return self._ledger
 
-    def record_in_ledger(self, entries: list[tuple[str, dict[str, Any]]]) -> None:
-        """Write calls to the ledger before publishing them (see worker/ledger.py).
-        Without the state Redis the calls still go out, without that protection."""
+    def record_in_ledger(
+        self, entries: list[tuple[str, dict[str, Any]]], members: Sequence[tuple[str, str]] = ()
+    ) -> None:
+        """Write calls to the ledger before publishing them (see worker/ledger.py),
+        with ``(call id, chunk id)`` members of chunk tasks so that a call id
+        alone is known. Without the state Redis the calls still go out,
+        without that protection."""
         try:
-            self.ledger.record(entries)
+            self.ledger.record(entries, members=members)
         except redis.RedisError as exc:
             log.warning("could not record %d call(s) in the ledger (state Redis: %s)", len(entries), exc)
 
-    def _first_with_key(
-        self, key: str, task_id: str, tool: str, arguments: dict[str, Any] | None, server: str | None
-    ) -> str | None:
-        """Record ``task_id`` as the call for ``key``; return the earlier call's id
-        if the key is already taken (SET NX: exactly one submit wins a race)."""
-        fingerprint = json.dumps([tool, server, arguments or {}], sort_keys=True, default=str)
-        doc = json.dumps({"task_id": task_id, "call": fingerprint})
-        window_ms = int(self.settings.idempotency_window * 1000)
-        name = f"{self.keys.idempotency}{key}"
+    # -- cancel and progress ---------------------------------------------------------
+    def cancel(self, task_id: str) -> CancelOutcome:
+        """Cancel call ``task_id`` (see :mod:`mcpq.producer.cancelling`).
+
+        Returns ``CancelOutcome(id, "finished", result)`` for a call that had
+        ended (nothing changes) or ``CancelOutcome(id, "requested")`` once the
+        cancel is asked for: a running call is interrupted, a queued one ends
+        ``cancelled`` when a worker reaches its message; its result comes as
+        usual (``get(id).result()``).
+
+        :raises InvalidArgumentsError: ``task_id`` cannot name a call.
+        :raises CallNotFoundError: no call of that id is known.
+        :raises MCPConnectionError: the state Redis or the result backend cannot be reached.
+        """
+        task_id = checked_call_id(task_id)
+        backend = self.app.backend
         try:
-            if self.redis.set(name, doc, nx=True, px=window_ms):
-                return None
-            raw = self.redis.get(name)
+            listener = backend.client.pubsub(ignore_subscribe_messages=True)
+            try:
+                # Before the reads: a result stored meanwhile is then heard of.
+                listener.subscribe(backend.get_key_for_task(task_id))
+                outcome = cancel_step(
+                    task_id,
+                    lambda: read_meta(backend, task_id),
+                    lambda: self.ledger.knows(task_id),
+                    lambda: self.request_cancel([task_id]),
+                )
+                if outcome is not None:
+                    return outcome
+                deadline = time.monotonic() + NOT_FOUND_WAIT
+                while (left := deadline - time.monotonic()) > 0:
+                    message = listener.get_message(timeout=left)
+                    if message is None or message.get("type") != "message":
+                        continue
+                    result = final_result(task_id, dict(backend.decode_result(message["data"])))
+                    if result is not None:
+                        return CancelOutcome(task_id, "finished", result)
+                raise not_found(task_id)
+            finally:
+                listener.close()
         except redis.RedisError as exc:
-            raise MCPConnectionError(f"cannot check idempotency key {key!r} in Redis: {exc}") from None
-        if raw is None:  # expired between SET and GET: this submit starts a new window
-            return self._first_with_key(key, task_id, tool, arguments, server)
-        earlier = json.loads(raw)
-        if earlier.get("call") != fingerprint:
-            raise InvalidArgumentsError(
-                f"idempotency key {key!r} was already used for a different call "
-                "(another tool, server or arguments); use a new key",
-                details={"idempotency_key": key, "task_id": earlier.get("task_id")},
-            )
-        return str(earlier["task_id"])
+            if not is_unreachable(exc):
+                raise
+            raise unreachable_error("state", self.settings.redis_url, exc) from None
+
+    def request_cancel(self, task_ids: Sequence[str]) -> None:
+        """Flag calls as cancelled and tell the workers, without the checks of
+        :meth:`cancel` (fan-out uses it for calls it published itself)."""
+        with self._state():
+            request_cancel(self.redis, self.keys, task_ids, ttl=self.settings.result_expires)
+
+    def progress_of(self, task_id: str) -> ProgressUpdate | None:
+        """The latest progress call ``task_id`` reported, or None."""
+        return self.read_progress([task_id])[0]
+
+    def read_progress(self, task_ids: Sequence[str]) -> list[ProgressUpdate | None]:
+        """The latest progress of each call (None: none reported), in one round trip."""
+        if not task_ids:
+            return []
+        with self._state():
+            raw: list[str | None] = self.redis.mget([self.keys.progress(t) for t in task_ids])  # type: ignore[assignment]
+        return [None if r is None else ProgressUpdate.from_json(r) for r in raw]
 
     def call(
         self,
@@ -269,7 +346,7 @@ class ToolQueue:
         :param queue: the Celery queue, overriding MCPQ_QUEUE.
         :param wait: seconds to wait for the result (default: ``timeout`` plus RESULT_GRACE).
         """
-        label = tool if server is None else f"{server}/{tool}"
+        label = call_label(tool, server)
         try:
             if wait is not None:
                 wait = self._seconds(wait, "wait", allow_zero=True)
@@ -282,30 +359,18 @@ class ToolQueue:
                 idempotency_key=idempotency_key,
                 queue=queue,
             )
-        except (MCPConnectionError, InvalidArgumentsError) as exc:
-            return ToolResult.failure(label, exc, request_id=request_id)
         except Exception as exc:
-            # submit already turns an unreachable broker into MCPConnectionError;
-            # a lost connection that still escapes it (wrapped by a library) is
-            # the same failure to enqueue, not a bug to raise.
-            if not is_unreachable(exc):
-                raise
-            unreachable = unreachable_error("broker_or_backend", self.settings.broker_url, exc)
-            return ToolResult.failure(label, unreachable, request_id=request_id)
+            return not_enqueued_result(label, exc, request_id, self.settings.broker_url)
         try:
             return handle.result(wait)
         except MCPTimeoutError as exc:
-            # The task id lets the caller (and the HTTP API's Location header)
-            # find the call later; an explicit request_id stays as the caller gave it.
-            return ToolResult.failure(
-                label, exc, request_id=request_id if request_id is not None else handle.id
-            )
+            return timed_out_result(label, exc, request_id, handle.id)
         finally:
             release(handle._async)  # the handle never leaves this method
 
     def get(self, task_id: str, tool: str = "?") -> CallHandle:
         """A handle for a call submitted earlier (by id)."""
-        return CallHandle(AsyncResult(task_id, app=self.app), tool)
+        return CallHandle(AsyncResult(task_id, app=self.app), tool, queue=self)
 
     # -- admin tasks ---------------------------------------------------------------
     def _admin(self, name: str, wait: float, **kwargs: Any) -> dict[str, Any]:
@@ -331,10 +396,7 @@ class ToolQueue:
 
     @staticmethod
     def _seconds(value: Any, name: str, *, allow_zero: bool = False) -> float:
-        try:
-            return seconds(value, name, allow_zero=allow_zero)
-        except ValueError as exc:
-            raise InvalidArgumentsError(str(exc), details={"field": name}) from None
+        return checked_seconds(value, name, allow_zero=allow_zero)
 
     def discover(self, server: str | None = None, wait: float = 60.0) -> dict[str, Any]:
         return self._admin(DISCOVER, wait, server=server)
@@ -345,22 +407,22 @@ class ToolQueue:
     def reconnect(self, server: str) -> dict[str, Any]:
         """Make every worker process drop and reopen its sessions to ``server``
         (and re-list its tools). Workers notice within about a second."""
-        with self._state():
-            self._known_server(server)
-            epoch = self.redis.hincrby(self.keys.epochs, server, 1)
-        return {"server": server, "epoch": int(epoch)}
+        return self._run(fleet_state.reconnect_plan(self.keys, server))
 
-    def _known_server(self, server: str) -> None:
-        if not self.redis.hexists(self.keys.servers, server):
-            raise ServerNotFoundError(
-                f"no server named {server!r} is known to the fleet", details={"server": server}
-            )
+    # -- shared state (read from Redis, no worker needed; producer/fleet_state.py) ----
+    def _run(self, plan: Plan[T]) -> T:
+        """Run a fleet-state plan, saying which Redis could not be reached, and
+        where, instead of redis-py's bare "Timeout reading from socket"."""
+        try:
+            return run_plan(self.redis, plan)
+        except (redis.RedisError, OSError) as exc:
+            if not is_unreachable(exc):
+                raise
+            raise unreachable_error("state", self.settings.redis_url, exc) from None
 
-    # -- shared state (read from Redis, no worker needed) ---------------------------
     @contextlib.contextmanager
     def _state(self) -> Iterator[None]:
-        """Say which Redis could not be reached, and where, instead of redis-py's
-        bare "Timeout reading from socket"."""
+        """As :meth:`_run`, for the few state commands that are not plans."""
         try:
             yield
         except redis.RedisError as exc:
@@ -369,53 +431,20 @@ class ToolQueue:
             raise unreachable_error("state", self.settings.redis_url, exc) from None
 
     def servers(self) -> list[dict[str, Any]]:
-        with self._state():
-            return self._servers()
-
-    def _servers(self) -> list[dict[str, Any]]:
-        raw: dict[str, str] = self.redis.hgetall(self.keys.servers)  # type: ignore[assignment]
-        out = []
-        for name in sorted(raw):
-            summary = json.loads(raw[name])
-            info_raw = self.redis.get(self.keys.server_info(name))
-            tools_raw = self.redis.get(self.keys.server_tools(name))
-            info = json.loads(info_raw) if info_raw else {}
-            tools = json.loads(tools_raw) if tools_raw else None
-            summary["protocol_version"] = info.get("protocol_version")
-            summary["server_info"] = info.get("server_info")
-            summary["tools"] = len(tools["tools"]) if tools else None
-            summary["discovered_at"] = tools.get("discovered_at") if tools else None
-            out.append(summary)
-        return out
+        """Every server the workers published: summary, protocol, server info, tool count."""
+        return self._run(fleet_state.servers_plan(self.keys))
 
     def tools(self, server: str | None = None) -> list[dict[str, Any]]:
-        with self._state():
-            return self._tools(server)
-
-    def _tools(self, server: str | None) -> list[dict[str, Any]]:
-        names: list[str] = [server] if server else sorted(self.redis.hkeys(self.keys.servers))  # type: ignore[arg-type]
-        if not names:
-            return []
-        docs = self.redis.mget([self.keys.server_tools(n) for n in names])
-        tool_map = self.redis.hgetall(self.keys.tool_map)
-        out = []
-        for name, doc in zip(names, docs, strict=True):
-            for tool in json.loads(doc)["tools"] if doc else []:
-                offered_by = json.loads(tool_map.get(tool["name"], "[]"))
-                out.append({"server": name, "ambiguous": len(offered_by) > 1, **tool})
-        return out
+        """Every tool of every server (or of ``server``), each with ``server`` and ``ambiguous``."""
+        return self._run(fleet_state.tools_plan(self.keys, server))
 
     def breakers(self) -> dict[str, dict[str, Any]]:
         """Every known server's breaker: state, failures, opened_at, next_probe_at."""
-        with self._state():
-            names: list[str] = sorted(self.redis.hkeys(self.keys.servers))  # type: ignore[arg-type]
-            return breaker_status(self.redis, self.keys, names)
+        return self._run(fleet_state.breakers_plan(self.keys))
 
     def reset_breaker(self, server: str) -> bool:
         """Close ``server``'s breaker for the whole fleet."""
-        with self._state():
-            self._known_server(server)
-            return reset_breaker(self.redis, self.keys, server)
+        return self._run(fleet_state.reset_plan(self.keys, server))
 
     def wait_for_worker(self, timeout: float = 30.0) -> list[str]:
         """Block until at least one worker answers a ping; return their names."""

@@ -394,7 +394,7 @@ def test_options_and_config_declare_the_same_options() -> None:
     # mypy catches an option FanOutConfig lacks; this catches one FanOutOptions lacks.
     keys = FanOutOptions.__required_keys__ | FanOutOptions.__optional_keys__
     assert keys == {f.name for f in dataclasses.fields(FanOutConfig)}
-    assert keys == {"on_progress", "chunk_size", "window", "queue", "stall_timeout"}
+    assert keys == {"on_progress", "on_call_progress", "chunk_size", "window", "queue", "stall_timeout"}
 
 
 def test_config_from_options_entry_point_defaults() -> None:
