@@ -1,4 +1,8 @@
-"""The mcpq HTTP API: a FastAPI app over :class:`mcpq.producer.queue.ToolQueue`.
+"""The mcpq HTTP API: a FastAPI app over :class:`mcpq.producer.aio.AsyncToolQueue`.
+
+Every endpoint is a coroutine on the queue's asyncio face: a request waiting
+for a result holds no thread and no connection of its own (results arrive on
+the queue's one listener connection).
 
 Read-only endpoints (servers, tools, health, breakers) are open; everything
 that runs a tool, changes fleet state or reads a call's result is *admin* and
@@ -16,21 +20,23 @@ name and reads shared state from Redis. Serve it with ``mcpq api`` or
 
 from __future__ import annotations
 
-import functools
+import asyncio
+import contextlib
 import hmac
+import json
 import logging
-import threading
 from collections.abc import AsyncIterator, Callable, Coroutine
 from contextlib import asynccontextmanager
-from typing import Annotated, Any, TypeVar
+from typing import Annotated, Any
 
-import anyio
 from fastapi import APIRouter, Body, Depends, FastAPI, Path, Query, Request, Response
+from fastapi.responses import StreamingResponse
 from fastapi.routing import APIRoute
 from fastapi.security import HTTPBearer
 from fastapi.security.utils import get_authorization_scheme_param
 from pydantic import Field
 
+from mcpq.producer.aio import AsyncToolQueue
 from mcpq.producer.api_errors import (
     ADMIN_DISABLED,
     UNAUTHORIZED,
@@ -46,6 +52,7 @@ from mcpq.producer.api_models import (
     CallRequest,
     CallsAccepted,
     CallStatus,
+    CancelAnswer,
     HealthReport,
     Reconnected,
     ServerHealth,
@@ -55,14 +62,13 @@ from mcpq.producer.api_models import (
     ToolResultModel,
     error_responses,
 )
-from mcpq.producer.queue import ToolQueue
+from mcpq.producer.events import CallEvent, ProgressEvent, ResultEvent, StatusEvent
 from mcpq.worker.contract.errors import (
     ConfigError,
     ErrorCode,
     MCPConnectionError,
     MCPError,
     MCPTimeoutError,
-    ServerNotFoundError,
     error_class,
 )
 from mcpq.worker.contract.settings import Settings
@@ -70,18 +76,13 @@ from mcpq.worker.contract.unreachable import unreachable_cause, unreachable_erro
 
 log = logging.getLogger("mcpq.api")
 
-T = TypeVar("T")
-
 #: Default of GET /mcp/health's wait for a worker, seconds.
 HEALTH_WAIT = 10.0
 #: Longest wait an open (unauthenticated) request may ask for.
 OPEN_MAX_WAIT = 30.0
-#: Threads that may block waiting for results at once, admin (POST /mcp/call)
-#: and open (GET /mcp/health) apart: kept apart from FastAPI's default pool so
-#: waits never starve the other endpoints, and apart from each other so that
-#: anyone who can reach the open endpoints cannot make admin calls queue.
-WAIT_THREADS = 200
-OPEN_WAIT_THREADS = 16
+#: A Server-Sent Events stream with nothing to say sends a comment this often,
+#: so proxies and clients do not take a long call for a dead connection.
+SSE_KEEPALIVE = 15.0
 
 #: Fields of a server summary that the (open) listing leaves out: stdio args can
 #: carry secrets expanded from ${VAR} (``--api-key ...``).
@@ -92,32 +93,23 @@ HIDDEN_SERVER_FIELDS = ("args",)
 
 
 class _State:
-    """What every request needs: the settings, the (lazily built) queue, the wait limiter."""
+    """What every request needs: the settings and the (lazily built) queue."""
 
-    def __init__(self, queue: ToolQueue | None, settings: Settings) -> None:
+    def __init__(self, queue: AsyncToolQueue | None, settings: Settings) -> None:
         self.settings = settings
         self._queue = queue
         self.owns_queue = queue is None
-        self._lock = threading.Lock()
-        self._limiters: dict[bool, anyio.CapacityLimiter] = {}
 
     @property
-    def queue(self) -> ToolQueue:
+    def queue(self) -> AsyncToolQueue:
+        # Requests run on one event loop: no lock is needed to build it once.
         if self._queue is None:
-            with self._lock:
-                if self._queue is None:
-                    self._queue = ToolQueue(self.settings)
+            self._queue = AsyncToolQueue(self.settings)
         return self._queue
 
-    def limiter(self, admin: bool) -> anyio.CapacityLimiter:
-        """The wait pool for admin or for open requests (built on the event loop thread)."""
-        if admin not in self._limiters:
-            self._limiters[admin] = anyio.CapacityLimiter(WAIT_THREADS if admin else OPEN_WAIT_THREADS)
-        return self._limiters[admin]
-
-    def close(self) -> None:
+    async def close(self) -> None:
         if self.owns_queue and self._queue is not None:
-            self._queue.close()
+            await self._queue.close()
 
 
 def _state(request: Request) -> _State:
@@ -125,18 +117,11 @@ def _state(request: Request) -> _State:
     return state
 
 
-def _queue(request: Request) -> ToolQueue:
+def _queue(request: Request) -> AsyncToolQueue:
     return _state(request).queue
 
 
-QueueDep = Annotated[ToolQueue, Depends(_queue)]
-
-
-async def _blocking(request: Request, admin: bool, fn: Callable[..., T], *args: Any, **kwargs: Any) -> T:
-    """Run a call that blocks on a worker in the admin or the open wait pool."""
-    return await anyio.to_thread.run_sync(
-        functools.partial(fn, *args, **kwargs), limiter=_state(request).limiter(admin)
-    )
+QueueDep = Annotated[AsyncToolQueue, Depends(_queue)]
 
 
 # --------------------------------------------------------------------------- auth
@@ -189,24 +174,14 @@ class AdminRoute(APIRoute):
 _bearer_scheme = HTTPBearer(auto_error=False, description="MCPQ_ADMIN_TOKEN")
 
 
-# --------------------------------------------------------------------------- blocking work
+# --------------------------------------------------------------------------- helpers
 
 
-def _call_status(queue: ToolQueue, task_id: str) -> CallStatus:
-    handle = queue.get(task_id)
-    ready = handle.ready()
-    state = handle.state
-    result = None
-    if ready:
-        result = ToolResultModel.model_validate(handle.result(timeout=10.0).to_dict())
-    return CallStatus(task_id=task_id, state=state, ready=ready, result=result)
-
-
-def _health(queue: ToolQueue, server: str | None, wait: float) -> HealthReport:
+async def _health(queue: AsyncToolQueue, server: str | None, wait: float) -> HealthReport:
     if server is not None:
-        _known_server(queue, server)  # 404 at once, not a worker's answer after the wait
+        await queue.known_server(server)  # 404 at once, not a worker's answer after the wait
     try:
-        answer = queue.health(server, wait=wait)
+        answer = await queue.health(server, wait=wait)
     except MCPTimeoutError as exc:
         # Nothing is pending on our side: the fleet is unavailable, not slow.
         raise MCPConnectionError(exc.message, details={"wait": wait}) from None
@@ -218,9 +193,54 @@ def _health(queue: ToolQueue, server: str | None, wait: float) -> HealthReport:
     return HealthReport(healthy=all(s.healthy for s in servers.values()), servers=servers)
 
 
-def _known_server(queue: ToolQueue, name: str) -> None:
-    if not queue.redis.hexists(queue.keys.servers, name):
-        raise ServerNotFoundError(f"no server named {name!r} is known to the fleet", details={"server": name})
+def sse_message(event: CallEvent) -> str:
+    """One Server-Sent Event for a call event: ``event:`` its kind, ``data:`` its JSON.
+
+    :param event: a status, progress or result event of :mod:`mcpq.producer.events`.
+    """
+    data: dict[str, Any]
+    if isinstance(event, StatusEvent):
+        data = {"state": event.state}
+    elif isinstance(event, ProgressEvent):
+        data = {"progress": event.progress, "total": event.total, "message": event.message}
+    else:
+        assert isinstance(event, ResultEvent)
+        data = event.result.to_dict()
+    return f"event: {event.kind}\ndata: {json.dumps(data, default=str, separators=(',', ':'))}\n\n"
+
+
+async def _sse_stream(
+    first: CallEvent, events: AsyncIterator[CallEvent], close: Callable[[], None]
+) -> AsyncIterator[str]:
+    """``first`` and the rest of ``events`` as SSE, a keep-alive comment when quiet."""
+    pending: asyncio.Future[CallEvent] | None = None
+    try:
+        yield sse_message(first)
+        if isinstance(first, ResultEvent):
+            return
+        while True:
+            pending = asyncio.ensure_future(anext(events))
+            while True:
+                done, _ = await asyncio.wait({pending}, timeout=SSE_KEEPALIVE)
+                if done:
+                    break
+                yield ": keep-alive\n\n"
+            try:
+                event = pending.result()
+            except StopAsyncIteration:
+                return
+            yield sse_message(event)
+            if isinstance(event, ResultEvent):
+                return
+    finally:
+        if pending is not None and not pending.done():
+            # The client went away mid-wait (cancelled, or closed at a keep-alive):
+            # the read must end too, or it waits forever on a call nobody follows.
+            # Not awaited: a cancelled scope would cancel that await at once.
+            pending.cancel()
+        close()
+        with contextlib.suppress(Exception):  # the generator may already be closed
+            await events.aclose()  # type: ignore[attr-defined]
 
 
 # --------------------------------------------------------------------------- routes
@@ -238,28 +258,28 @@ admin = APIRouter(
 
 
 @public.get("/servers", response_model=list[ServerSummary], responses=error_responses(503))
-def list_servers(queue: QueueDep) -> list[dict[str, Any]]:
+async def list_servers(queue: QueueDep) -> list[dict[str, Any]]:
     """Every server the fleet knows (published to Redis by the workers)."""
-    rows = queue.servers()
+    rows = await queue.servers()
     return [{k: v for k, v in row.items() if k not in HIDDEN_SERVER_FIELDS} for row in rows]
 
 
 @public.get("/servers/{name}/tools", response_model=list[ToolInfo], responses=error_responses(404, 503))
-def list_server_tools(name: ServerName, queue: QueueDep) -> list[dict[str, Any]]:
+async def list_server_tools(name: ServerName, queue: QueueDep) -> list[dict[str, Any]]:
     """The tools one server offers (404 ``server_not_found`` for an unknown server)."""
-    _known_server(queue, name)
-    return queue.tools(name)
+    await queue.known_server(name)
+    return await queue.tools(name)
 
 
 @public.get("/tools", response_model=list[ToolInfo], responses=error_responses(503))
-def list_tools(queue: QueueDep) -> list[dict[str, Any]]:
+async def list_tools(queue: QueueDep) -> list[dict[str, Any]]:
     """Every tool of every server; ``ambiguous`` ones must be called as ``server/tool``."""
-    return queue.tools()
+    return await queue.tools()
 
 
 @public.get("/health", response_model=HealthReport, responses=error_responses(404, 503))
 async def health(
-    request: Request,
+    queue: QueueDep,
     server: Annotated[str | None, Query(min_length=1, description="Only this server.")] = None,
     wait: Annotated[
         float, Query(gt=0, le=OPEN_MAX_WAIT, description="Seconds to wait for a worker (at most 30).")
@@ -267,13 +287,13 @@ async def health(
 ) -> HealthReport:
     """A worker pings every enabled server (a real MCP round trip). 503 when no
     worker answers within ``wait``; 200 otherwise, ``healthy`` saying whether all answered."""
-    return await _blocking(request, False, _health, _queue(request), server, wait)
+    return await _health(queue, server, wait)
 
 
 @public.get("/circuit-breakers", response_model=dict[str, BreakerStatus], responses=error_responses(503))
-def list_breakers(queue: QueueDep) -> dict[str, dict[str, Any]]:
+async def list_breakers(queue: QueueDep) -> dict[str, dict[str, Any]]:
     """Every known server's circuit breaker, shared by the whole fleet."""
-    return queue.breakers()
+    return await queue.breakers()
 
 
 @admin.post(
@@ -282,7 +302,7 @@ def list_breakers(queue: QueueDep) -> dict[str, dict[str, Any]]:
     responses={
         **error_responses(422, 503),
         404: {"model": ToolResultModel, "description": "tool_not_found / server_not_found"},
-        409: {"model": ToolResultModel, "description": "ambiguous_tool / server_disabled"},
+        409: {"model": ToolResultModel, "description": "ambiguous_tool / server_disabled / cancelled"},
         413: {"model": ToolResultModel, "description": "result_too_large"},
         429: {"model": ToolResultModel, "description": "limit_exceeded (Retry-After)"},
         500: {"model": ToolResultModel, "description": "internal_error / outcome_unknown"},
@@ -290,21 +310,19 @@ def list_breakers(queue: QueueDep) -> dict[str, dict[str, Any]]:
         504: {"model": ToolResultModel, "description": "timeout (details.task_id to poll)"},
     },
 )
-async def call_tool(request: Request, body: SyncCallRequest) -> Response:
+async def call_tool(body: SyncCallRequest, queue: QueueDep) -> Response:
     """Call a tool and wait for its ToolResult. The status follows ``error_code``
     (see STATUS_BY_CODE); a ``tool_error`` is 200 with ``success: false``."""
-    # ToolQueue.call makes a failure to enqueue or a wait that ran out a failed
-    # ToolResult too; on a timeout its details.task_id becomes the Location.
-    result = await _blocking(
-        request,
-        True,
-        _queue(request).call,
+    # AsyncToolQueue.call makes a failure to enqueue or a wait that ran out a
+    # failed ToolResult too; on a timeout its details.task_id becomes the Location.
+    result = await queue.call(
         body.tool,
         body.arguments,
         server=body.server,
         timeout=body.timeout,
         idempotency_key=body.idempotency_key,
         wait=body.wait,
+        progress=body.progress,
     )
     return result_response(result)
 
@@ -314,21 +332,24 @@ CallsBody = Annotated[
     Body(description=f"One call, or a list of up to {MAX_BATCH}."),
 ]
 
+CallId = Annotated[str, Path(min_length=1, max_length=256, description="A call's task id.")]
+
 
 @admin.post("/calls", status_code=202, response_model=CallsAccepted, responses=error_responses(422, 503))
-def enqueue_calls(body: CallsBody, queue: QueueDep, response: Response) -> CallsAccepted:
+async def enqueue_calls(body: CallsBody, queue: QueueDep, response: Response) -> CallsAccepted:
     """Enqueue one call or a list of calls and return their ids at once (202).
     Every call is validated before any is enqueued."""
     calls = body if isinstance(body, list) else [body]
     accepted: list[CallAccepted] = []
     for index, call in enumerate(calls):
         try:
-            handle = queue.submit(
+            handle = await queue.submit(
                 call.tool,
                 call.arguments,
                 server=call.server,
                 timeout=call.timeout,
                 idempotency_key=call.idempotency_key,
+                progress=call.progress,
             )
         except Exception as exc:
             enqueued = [a.task_id for a in accepted]
@@ -342,43 +363,95 @@ def enqueue_calls(body: CallsBody, queue: QueueDep, response: Response) -> Calls
                 f"{exc.message} (call {index}; {len(enqueued)} earlier calls were enqueued)",
                 details={**exc.details, "index": index, "enqueued": enqueued},
             ) from None
+        handle.close()  # nobody here waits for it: GET /mcp/calls/{id} reads it later
         accepted.append(CallAccepted(task_id=handle.id, tool=handle.tool, url=f"/mcp/calls/{handle.id}"))
     if len(accepted) == 1:
         response.headers["Location"] = accepted[0].url
     return CallsAccepted(calls=accepted)
 
 
-@admin.get("/calls/{task_id}", response_model=CallStatus)
-def get_call(task_id: Annotated[str, Path(min_length=1, max_length=256)], queue: QueueDep) -> CallStatus:
+@admin.get("/calls/{task_id}", response_model=CallStatus, responses=error_responses(422, 503))
+async def get_call(task_id: CallId, queue: QueueDep) -> CallStatus:
     """A call's state, and its ToolResult once ready (always 200: the result's own
     error_code says how the call went). An unknown or expired id is PENDING,
     exactly as Celery reports it: ids cannot be told apart from queued calls."""
-    return _call_status(queue, task_id)
+    state, result = await queue.call_state(task_id)
+    model = None if result is None else ToolResultModel.model_validate(result.to_dict())
+    return CallStatus(task_id=task_id, state=state, ready=result is not None, result=model)
+
+
+@admin.get(
+    "/calls/{task_id}/events",
+    response_class=StreamingResponse,
+    responses={
+        200: {
+            "content": {"text/event-stream": {"schema": {"type": "string"}}},
+            "description": "Server-Sent Events: `status`, `progress` (for calls sent with "
+            "`progress: true`), then one `result` (the ToolResult); the stream ends after it.",
+        },
+        **error_responses(404, 422, 503),
+    },
+)
+async def call_events(task_id: CallId, queue: QueueDep) -> StreamingResponse:
+    """Follow a call as Server-Sent Events until its result. 404 ``call_not_found``
+    for an id no call has."""
+    handle = queue.get(task_id, progress=True)
+    events = handle.events()
+    try:
+        first = await anext(events)  # an unknown id fails here, as a 404, before streaming
+    except BaseException:
+        handle.close()
+        raise
+    return StreamingResponse(
+        _sse_stream(first, events, handle.close),
+        media_type="text/event-stream",
+        headers={"Cache-Control": "no-cache", "X-Accel-Buffering": "no"},
+    )
+
+
+@admin.delete(
+    "/calls/{task_id}",
+    response_model=CancelAnswer,
+    responses={
+        202: {"model": CancelAnswer, "description": "cancel requested"},
+        **error_responses(404, 422, 503),
+    },
+)
+async def cancel_call(task_id: CallId, queue: QueueDep, response: Response) -> CancelAnswer:
+    """Cancel a call. 200 with its result when it had already finished (nothing
+    changes); 202 once the cancel is requested: a queued or waiting call never
+    reaches the server, a running one is interrupted, and it ends with
+    ``error_code: cancelled`` (GET /mcp/calls/{id}). 404 ``call_not_found``."""
+    outcome = await queue.cancel(task_id)
+    if outcome.state == "requested":
+        response.status_code = 202
+    result = None if outcome.result is None else ToolResultModel.model_validate(outcome.result.to_dict())
+    return CancelAnswer(task_id=outcome.id, state=outcome.state, result=result)
 
 
 @admin.post(
     "/circuit-breakers/{name}/reset", response_model=BreakerReset, responses=error_responses(404, 503)
 )
-def reset_breaker(name: ServerName, queue: QueueDep) -> BreakerReset:
+async def reset_breaker(name: ServerName, queue: QueueDep) -> BreakerReset:
     """Close a server's breaker for the whole fleet."""
-    return BreakerReset(server=name, cleared=queue.reset_breaker(name))
+    return BreakerReset(server=name, cleared=await queue.reset_breaker(name))
 
 
 @admin.post("/servers/{name}/reconnect", response_model=Reconnected, responses=error_responses(404, 503))
-def reconnect_server(name: ServerName, queue: QueueDep) -> Reconnected:
+async def reconnect_server(name: ServerName, queue: QueueDep) -> Reconnected:
     """Make every worker drop and reopen its sessions to the server (within ~1 s)."""
-    answer = queue.reconnect(name)
+    answer = await queue.reconnect(name)
     return Reconnected(server=name, epoch=int(answer["epoch"]))
 
 
 # --------------------------------------------------------------------------- app
 
 
-def create_app(queue: ToolQueue | None = None, settings: Settings | None = None) -> FastAPI:
+def create_app(queue: AsyncToolQueue | None = None, settings: Settings | None = None) -> FastAPI:
     """The HTTP API (the factory ``uvicorn --factory mcpq.producer.api:create_app`` runs).
 
-    :param queue: the ToolQueue to serve; default: one built on first use from ``settings``,
-        and closed when the app shuts down.
+    :param queue: the AsyncToolQueue to serve (it must be used on the server's event loop
+        only); default: one built on first use from ``settings``, closed when the app shuts down.
     :param settings: default: ``queue.settings``, else the MCPQ_* environment. The admin
         token is ``settings.admin_token``.
     """
@@ -388,7 +461,7 @@ def create_app(queue: ToolQueue | None = None, settings: Settings | None = None)
     @asynccontextmanager
     async def lifespan(app: FastAPI) -> AsyncIterator[None]:
         yield
-        state.close()
+        await state.close()
 
     app = FastAPI(
         title="mcpq HTTP API",

@@ -53,6 +53,9 @@ STATUS_BY_CODE: dict[str, int] = {
     ErrorCode.CIRCUIT_OPEN: 503,
     ErrorCode.CONNECTION_ERROR: 503,
     ErrorCode.TIMEOUT: 504,
+    # Someone cancelled the call this request waited for: it conflicts with them.
+    ErrorCode.CANCELLED: 409,
+    ErrorCode.CALL_NOT_FOUND: 404,
     UNAUTHORIZED: 401,
     ADMIN_DISABLED: 403,
     NOT_FOUND: 404,

@@ -7,7 +7,7 @@ statuses and bodies is in ``mcpq.producer.api_errors``.
 
 from __future__ import annotations
 
-from typing import Any
+from typing import Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field
 
@@ -42,6 +42,10 @@ class CallRequest(BaseModel):
         min_length=1,
         max_length=256,
         description="The same key with the same call within the window returns the first call's result.",
+    )
+    progress: bool = Field(
+        default=False,
+        description="Relay the server's progress notifications: GET /mcp/calls/{id}/events streams them.",
     )
 
 
@@ -91,6 +95,17 @@ class CallStatus(BaseModel):
         "SUCCESS, FAILURE."
     )
     ready: bool
+    result: ToolResultModel | None = None
+
+
+class CancelAnswer(BaseModel):
+    """What DELETE /mcp/calls/{id} did."""
+
+    task_id: str
+    state: Literal["finished", "requested"] = Field(
+        description="finished: the call had ended (result holds it, nothing changed); requested: "
+        "it will end with error_code cancelled (GET /mcp/calls/{id} or its events)."
+    )
     result: ToolResultModel | None = None
 
 

@@ -52,10 +52,10 @@ def stack(make_stack: Callable[..., Any], count_dir: Path) -> Stack:
 
 @contextmanager
 def served(stack: Stack) -> Iterator[httpx.Client]:
-    """create_app(stack.queue) behind a real uvicorn server on a free port."""
+    """create_app(settings=stack.settings) behind a real uvicorn server on a free port."""
     port = free_port()
     server = uvicorn.Server(
-        uvicorn.Config(create_app(stack.queue), host="127.0.0.1", port=port, log_level="warning")
+        uvicorn.Config(create_app(settings=stack.settings), host="127.0.0.1", port=port, log_level="warning")
     )
     thread = threading.Thread(target=server.run, name="uvicorn-test", daemon=True)
     thread.start()
@@ -161,6 +161,8 @@ def test_listing_and_calls(stack: Stack, api: httpx.Client) -> None:
         ("POST", "/mcp/call"),
         ("POST", "/mcp/calls"),
         ("GET", "/mcp/calls/{task_id}"),
+        ("GET", "/mcp/calls/{task_id}/events"),
+        ("DELETE", "/mcp/calls/{task_id}"),
         ("POST", "/mcp/circuit-breakers/{name}/reset"),
         ("POST", "/mcp/servers/{name}/reconnect"),
     }

@@ -17,6 +17,7 @@ import pytest
 import redis
 from fastapi.testclient import TestClient
 
+from mcpq.producer.aio import AsyncToolQueue
 from mcpq.producer.api import create_app
 from mcpq.producer.api_errors import STATUS_BY_CODE, result_response
 from mcpq.producer.queue import ToolQueue
@@ -37,10 +38,15 @@ ADMIN_ENDPOINTS: list[tuple[str, str, Any]] = [
     ("POST", "/mcp/call", {"tool": f"{KNOWN}/add", "arguments": {"a": 1, "b": 2}, "wait": 0.3}),
     ("POST", "/mcp/calls", [{"tool": f"{KNOWN}/add", "arguments": {"a": 1, "b": 2}}]),
     ("GET", f"/mcp/calls/{uuid.uuid4()}", None),
+    ("GET", f"/mcp/calls/{uuid.uuid4()}/events", None),
+    ("DELETE", f"/mcp/calls/{uuid.uuid4()}", None),
     ("POST", f"/mcp/circuit-breakers/{KNOWN}/reset", None),
     ("POST", f"/mcp/servers/{KNOWN}/reconnect", None),
 ]
-ADMIN_IDS = [f"{m} {p.split('/')[2]}{'/id' if p.count('/') > 2 else ''}" for m, p, _ in ADMIN_ENDPOINTS]
+ADMIN_IDS = [
+    f"{m} {p.split('/')[2]}{'/id' if p.count('/') > 2 else ''}{'/events' if p.endswith('events') else ''}"
+    for m, p, _ in ADMIN_ENDPOINTS
+]
 #: What each admin endpoint answers with the right token and no worker running.
 AUTHORIZED_STATUS = {
     "/mcp/call": 504,  # enqueued; no worker answered within "wait"
@@ -51,7 +57,9 @@ AUTHORIZED_STATUS = {
 }
 
 
-def expected_authorized(path: str) -> int:
+def expected_authorized(method: str, path: str) -> int:
+    if path.startswith("/mcp/calls/") and (method == "DELETE" or path.endswith("/events")):
+        return 404  # call_not_found: nobody submitted that id
     if path.startswith("/mcp/calls/"):
         return AUTHORIZED_STATUS["/mcp/calls/"]
     return AUTHORIZED_STATUS.get(path) or AUTHORIZED_STATUS[path.rsplit("/", 1)[1]]
@@ -96,7 +104,7 @@ def queue(redis_url: str) -> Iterator[ToolQueue]:
 
 @pytest.fixture()
 def client(queue: ToolQueue) -> Iterator[TestClient]:
-    with TestClient(create_app(queue)) as c:
+    with TestClient(create_app(settings=queue.settings)) as c:
         yield c
 
 
@@ -104,7 +112,7 @@ def client(queue: ToolQueue) -> Iterator[TestClient]:
 def tokenless_client(queue: ToolQueue) -> Iterator[TestClient]:
     """The API with MCPQ_ADMIN_TOKEN unset."""
     settings = dataclasses.replace(queue.settings, admin_token=None)
-    with TestClient(create_app(queue, settings)) as c:
+    with TestClient(create_app(settings=settings)) as c:
         yield c
 
 
@@ -168,7 +176,7 @@ def test_wrong_token_is_401(client: TestClient, method: str, path: str, body: An
 def test_right_token_passes(client: TestClient, method: str, path: str, body: Any) -> None:
     answer = send(client, method, path, body, bearer())
     assert answer.status_code not in (401, 403), answer.text
-    assert answer.status_code == expected_authorized(path), answer.text
+    assert answer.status_code == expected_authorized(method, path), answer.text
     # The scheme is case-insensitive (RFC 7235).
     again = send(client, method, path, body, {"Authorization": f"bearer {TOKEN}"})
     assert again.status_code not in (401, 403), again.text
@@ -324,15 +332,6 @@ def test_health_of_an_unknown_server_is_404_at_once(client: TestClient) -> None:
     assert "nope" in body["error"]
 
 
-def test_open_and_admin_requests_wait_in_separate_pools(client: TestClient) -> None:
-    from mcpq.producer import api as api_module
-
-    state = client.app.state.mcpq  # type: ignore[attr-defined]
-    assert state.limiter(False) is not state.limiter(True)
-    assert state.limiter(False).total_tokens == api_module.OPEN_WAIT_THREADS
-    assert state.limiter(True).total_tokens == api_module.WAIT_THREADS
-
-
 def test_redis_and_broker_unreachable_are_503(redis_url: str) -> None:
     dead = f"redis://127.0.0.1:{free_port()}"
     # A live result backend keeps Celery's result consumer out of this: its
@@ -340,7 +339,7 @@ def test_redis_and_broker_unreachable_are_503(redis_url: str) -> None:
     settings = dataclasses.replace(make_settings(dead, "dead", TOKEN), result_backend=f"{redis_url}/1")
     queue = ToolQueue(settings)
     try:
-        with TestClient(create_app(queue)) as c:
+        with TestClient(create_app(settings=settings)) as c:
             for path in ("/mcp/servers", "/mcp/tools", "/mcp/circuit-breakers"):
                 body = assert_error(c.get(path), 503, "connection_error")
                 assert "127.0.0.1" in body["error"]
@@ -375,7 +374,11 @@ def test_call_turns_a_wrapped_unreachable_enqueue_into_a_503_tool_result(
     def unreachable_submit(*args: Any, **kwargs: Any) -> Any:
         raise wrapped_unreachable()
 
+    async def unreachable_async_submit(*args: Any, **kwargs: Any) -> Any:
+        raise wrapped_unreachable()
+
     monkeypatch.setattr(queue, "submit", unreachable_submit)
+    monkeypatch.setattr(AsyncToolQueue, "submit", unreachable_async_submit)
     answer = client.post("/mcp/call", json={"tool": "add", "server": KNOWN}, headers=bearer())
     body = assert_error(answer, 503, "connection_error")
     assert body["success"] is False and body["tool_name"] == f"{KNOWN}/add"
@@ -388,10 +391,14 @@ def test_call_raises_what_is_not_unreachable(queue: ToolQueue, monkeypatch: pyte
     def buggy_submit(*args: Any, **kwargs: Any) -> Any:
         raise RuntimeError("a bug")
 
+    async def buggy_async_submit(*args: Any, **kwargs: Any) -> Any:
+        raise RuntimeError("a bug")
+
     monkeypatch.setattr(queue, "submit", buggy_submit)
+    monkeypatch.setattr(AsyncToolQueue, "submit", buggy_async_submit)
     with pytest.raises(RuntimeError, match="a bug"):
         queue.call("add")
-    with TestClient(create_app(queue), raise_server_exceptions=False) as c:
+    with TestClient(create_app(settings=queue.settings), raise_server_exceptions=False) as c:
         assert_error(c.post("/mcp/call", json={"tool": "add"}, headers=bearer()), 500, "internal_error")
 
 
@@ -474,6 +481,8 @@ def test_openapi_lists_every_endpoint_and_marks_admin_ones(client: TestClient) -
         ("POST", "/mcp/call"),
         ("POST", "/mcp/calls"),
         ("GET", "/mcp/calls/{task_id}"),
+        ("GET", "/mcp/calls/{task_id}/events"),
+        ("DELETE", "/mcp/calls/{task_id}"),
         ("POST", "/mcp/circuit-breakers/{name}/reset"),
         ("POST", "/mcp/servers/{name}/reconnect"),
     }
