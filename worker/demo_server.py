@@ -4,7 +4,8 @@ A small, dependency-free server built on the official SDK's ``MCPServer``:
 
 - ``echo(text)`` -> the text, unchanged (plain text)
 - ``add(a, b)`` -> ``a + b`` (structured output: ``{"result": <float>}``)
-- ``sleep(ms)`` -> ``"slept N ms"`` after an async sleep (plain text; 0 <= ms <= 600000)
+- ``sleep(ms)`` -> ``"slept N ms"`` after an async sleep (plain text; 0 <= ms <= 600000),
+  reporting progress every 500 ms to a caller that asked for it
 - ``word_count(text)`` -> ``{"words": .., "characters": .., "lines": ..}`` (structured)
 
 Run it with one of::
@@ -25,7 +26,7 @@ import logging
 from collections.abc import Sequence
 from typing import Annotated, TypedDict
 
-from mcp.server.mcpserver import MCPServer
+from mcp.server.mcpserver import Context, MCPServer
 from mcp.types import ToolAnnotations
 from pydantic import Field
 
@@ -34,6 +35,8 @@ DEFAULT_HOST = "127.0.0.1"
 DEFAULT_HTTP_PORT = 8765
 DEFAULT_SSE_PORT = 8766
 MAX_SLEEP_MS = 600_000
+#: How often ``sleep`` reports progress to a caller that asked for it.
+PROGRESS_EVERY_MS = 500
 
 _PURE = ToolAnnotations(read_only_hint=True, idempotent_hint=True, open_world_hint=False)
 
@@ -56,9 +59,19 @@ def add(a: float, b: float) -> float:
     return a + b
 
 
-async def sleep(ms: Annotated[int, Field(ge=0, le=MAX_SLEEP_MS, description="milliseconds")]) -> str:
-    """Sleep asynchronously for ``ms`` milliseconds (0..600000), then say so."""
-    await asyncio.sleep(ms / 1000)
+async def sleep(
+    ms: Annotated[int, Field(ge=0, le=MAX_SLEEP_MS, description="milliseconds")], ctx: Context
+) -> str:
+    """Sleep asynchronously for ``ms`` milliseconds (0..600000), then say so.
+
+    A caller that asks for progress hears it at the start and about every
+    :data:`PROGRESS_EVERY_MS` (milliseconds slept of ``ms``)."""
+    loop = asyncio.get_running_loop()
+    end = loop.time() + ms / 1000
+    while (left := end - loop.time()) > 0:
+        done = ms - round(left * 1000)
+        await ctx.report_progress(done, ms, f"slept {done} of {ms} ms")
+        await asyncio.sleep(min(left, PROGRESS_EVERY_MS / 1000))
     return f"slept {ms} ms"
 
 
