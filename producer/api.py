@@ -209,6 +209,13 @@ def sse_message(event: CallEvent) -> str:
     return f"event: {event.kind}\ndata: {json.dumps(data, default=str, separators=(',', ':'))}\n\n"
 
 
+def sse_error(exc: MCPError) -> str:
+    """The ``error`` event that ends a stream which cannot go on: the error body
+    (``error``, ``error_code``, ``details``) of the error responses; the call itself may still run."""
+    data = {"error": exc.message, "error_code": exc.code.value, "details": exc.details}
+    return f"event: error\ndata: {json.dumps(data, default=str, separators=(',', ':'))}\n\n"
+
+
 async def _sse_stream(
     first: CallEvent, events: AsyncIterator[CallEvent], close: Callable[[], None]
 ) -> AsyncIterator[str]:
@@ -228,6 +235,11 @@ async def _sse_stream(
             try:
                 event = pending.result()
             except StopAsyncIteration:
+                return
+            except MCPError as exc:
+                # Headers are sent: the stream's last event says why it ends
+                # (the result backend lost, the queue closing), not a cut connection.
+                yield sse_error(exc)
                 return
             yield sse_message(event)
             if isinstance(event, ResultEvent):

@@ -201,7 +201,7 @@ def test_enqueue_a_batch_and_poll_each_call(api: httpx.Client) -> None:
 
 
 def test_concurrent_waiting_calls_each_get_their_own_result(api: httpx.Client) -> None:
-    # Every waiting request blocks a thread on its own Celery result: none may
+    # Every waiting request awaits its own result on the one listener: none may
     # see another's result, and none may starve the open endpoints meanwhile.
     def one(i: int) -> tuple[int, httpx.Response]:
         return i, call(api, "local/add", {"a": i, "b": 1000})

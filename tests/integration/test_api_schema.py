@@ -72,7 +72,7 @@ def api(redis_url: str) -> Iterator[ToolQueue]:
 
 
 def test_api_answers_as_its_openapi_document_says(api: ToolQueue) -> None:
-    schema = schemathesis.openapi.from_asgi("/openapi.json", create_app(api))
+    schema = schemathesis.openapi.from_asgi("/openapi.json", create_app(settings=api.settings))
     operations = [r.ok() for r in schema.get_all_operations()]
     tested = []
     for operation in operations:
