@@ -45,6 +45,7 @@ bench-all: bench
 	$(BIN)/python -m bench.roundtrips --calls 1000 --submit map
 	$(BIN)/python -m bench.soak
 	$(BIN)/python -m bench.startup --runs 5
+	$(BIN)/python -m bench.aio
 
 clean:
 	rm -rf $(VENV) tests/npm/node_modules .pytest_cache .mypy_cache .ruff_cache *.egg-info

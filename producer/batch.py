@@ -6,17 +6,25 @@ numbers are the file's physical line numbers, starting at 1.
 
 Output (``--out``): one line per input line, ``{"line": n, ...ToolResult}``,
 in completion order. Re-running with the same ``--out`` skips the lines
-already answered there, after dropping a half-written last line.
+already answered there, after dropping a half-written last line; the one
+exception is a line whose answer is ``cancelled``: it runs again if its call
+never ran (``details.may_have_run`` false), or with ``--rerun-cancelled``
+(:meth:`ResultsState.settled` is that rule). A re-run line's new answer is
+appended; the last answer for a line is the one that counts.
+
+Ctrl-C (SIGINT) cancels what is outstanding, waits up to ``--cancel-wait``
+seconds for those calls' own results, writes them, answers the lines not
+sent yet as ``cancelled`` (they never ran) and exits 130: every input line
+has its answer in ``--out``.
 """
 
 from __future__ import annotations
 
-import contextlib
 import json
 import os
 import sys
 import time
-from collections import Counter, deque
+from collections import Counter
 from collections.abc import Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -26,7 +34,16 @@ import click
 
 from mcpq.producer import fanout
 from mcpq.producer.calls import Call
-from mcpq.producer.cli_types import DEADLINE
+from mcpq.producer.cli_batch_cancel import (
+    BatchLines,
+    CancellingPublisher,
+    Fetcher,
+    Interrupt,
+    sigint_sets,
+    unsent_result,
+    write_results,
+)
+from mcpq.producer.cli_types import DEADLINE, WAIT
 from mcpq.producer.fanout_options import DEFAULT_WINDOW
 from mcpq.worker.contract.errors import ErrorCode, InvalidArgumentsError, MCPConnectionError
 from mcpq.worker.contract.result import ToolResult
@@ -34,6 +51,8 @@ from mcpq.worker.contract.task_names import MAX_CHUNK_CALLS
 
 EXIT_OK, EXIT_FAILED, EXIT_USAGE, EXIT_UNREACHABLE = 0, 1, 2, 3
 EXIT_INTERRUPTED = 130
+#: After Ctrl-C, how long ``mcpq batch`` waits by default for the cancelled calls' own results.
+CANCEL_WAIT = 5.0
 
 
 class ResultsFileError(Exception):
@@ -107,6 +126,8 @@ class ResultsState:
 
     #: input line number -> did that call succeed (the last answer wins)
     answered: dict[int, bool] = field(default_factory=dict)
+    #: input line number -> may its call have run, for lines whose last answer is ``cancelled``
+    cancelled: dict[int, bool] = field(default_factory=dict)
     #: bytes of the file that are whole result lines; anything after is a torn write
     good_bytes: int = 0
     #: bytes dropped from the end (a half-written line from a crash)
@@ -114,8 +135,28 @@ class ResultsState:
     #: the last result line is complete but lacks its newline
     needs_newline: bool = False
 
+    def settled(self, line: int, rerun_cancelled: bool = False) -> bool:
+        """The resume rule, decided here and nowhere else: is ``line`` done, so
+        that running the batch again skips it?
 
-def _result_line_number(raw: bytes) -> tuple[int, bool] | None:
+        A line with no answer is not. An answered line is (a success or a
+        failure alike), except one whose answer is ``cancelled`` and whose call
+        never ran (``details.may_have_run`` false): running it now is its first
+        run. A cancelled line that may have run is kept, so a call with side
+        effects is not repeated behind anyone's back, unless
+        ``rerun_cancelled`` (``--rerun-cancelled``) says to run it again."""
+        if line not in self.answered:
+            return False
+        may_have_run = self.cancelled.get(line)
+        if may_have_run is None:
+            return True
+        return may_have_run and not rerun_cancelled
+
+
+def _result_answer(raw: bytes) -> tuple[int, bool, bool | None] | None:
+    """``(line, success, may_have_run)`` of a result line (``may_have_run`` is
+    None unless its error code is ``cancelled``; missing, it counts as True),
+    or None when ``raw`` is not a result line."""
     try:
         value = json.loads(raw)
     except (UnicodeDecodeError, json.JSONDecodeError):
@@ -125,7 +166,11 @@ def _result_line_number(raw: bytes) -> tuple[int, bool] | None:
     line, success = value.get("line"), value.get("success")
     if isinstance(line, bool) or not isinstance(line, int) or line < 1 or not isinstance(success, bool):
         return None
-    return line, success
+    if success or value.get("error_code") != ErrorCode.CANCELLED.value:
+        return line, success, None
+    details = value.get("details")
+    ran = details.get("may_have_run") if isinstance(details, dict) else None
+    return line, success, ran if isinstance(ran, bool) else True
 
 
 def read_results(path: Path) -> ResultsState:
@@ -143,11 +188,16 @@ def read_results(path: Path) -> ResultsState:
             if raw.strip():
                 if bad is not None:
                     break  # a bad line with more results after it: not a torn write
-                parsed = _result_line_number(raw)
+                parsed = _result_answer(raw)
                 if parsed is None:
                     bad = (number, pos)
                 else:
-                    state.answered[parsed[0]] = parsed[1]
+                    line, success, may_have_run = parsed
+                    state.answered[line] = success
+                    if may_have_run is None:
+                        state.cancelled.pop(line, None)
+                    else:
+                        state.cancelled[line] = may_have_run
                     state.needs_newline = not raw.endswith(b"\n")
                     state.good_bytes = end
             elif bad is None:
@@ -250,6 +300,15 @@ class BatchOutcome:
     problem: str | None = None
     #: bytes of a torn last line dropped from --out before resuming
     torn_bytes: int = 0
+    #: skipped lines answered ``cancelled`` whose call may have run (not re-run without --rerun-cancelled)
+    cancelled_kept: int = 0
+    #: lines answered ``cancelled`` before that run again now
+    cancelled_rerun: int = 0
+    #: lines answered ``cancelled`` in this run, and how many of those calls may have run
+    cancelled: int = 0
+    cancelled_may_have_run: int = 0
+    #: Ctrl-C stopped the run (what was outstanding is cancelled and answered)
+    interrupted: bool = False
 
     @property
     def rate(self) -> float:
@@ -257,6 +316,8 @@ class BatchOutcome:
 
     @property
     def exit_code(self) -> int:
+        if self.interrupted:
+            return EXIT_INTERRUPTED
         if self.problem is not None or self.unanswered:
             return EXIT_UNREACHABLE
         if self.failed or self.previously_failed:
@@ -282,6 +343,11 @@ class BatchOutcome:
             "error_codes": dict(self.error_codes),
             "problem": self.problem,
             "torn_bytes_dropped": self.torn_bytes,
+            "cancelled": self.cancelled,
+            "cancelled_may_have_run": self.cancelled_may_have_run,
+            "cancelled_kept": self.cancelled_kept,
+            "cancelled_rerun": self.cancelled_rerun,
+            "interrupted": self.interrupted,
             "out": out,
             "exit_code": self.exit_code,
         }
@@ -307,6 +373,9 @@ class _Writer:
         else:
             o.failed += 1
             o.error_codes[result.error_code or "unknown"] += 1
+            if result.error_code == ErrorCode.CANCELLED.value:
+                o.cancelled += 1
+                o.cancelled_may_have_run += result.details.get("may_have_run", True) is not False
         self.bar.update(o.calls + o.unanswered, o.failed)
 
 
@@ -323,10 +392,19 @@ def run_batch(
     stall_timeout: float | None = None,
     progress_stream: IO[str] | None = None,
     show_progress: bool = False,
+    rerun_cancelled: bool = False,
+    interrupt: Interrupt | None = None,
+    cancel_wait: float = CANCEL_WAIT,
 ) -> BatchOutcome:
     """The body of ``mcpq batch``; raises ResultsFileError for a bad --out file.
     ``queue`` is a ToolQueue (or a callable returning one, called only if
-    some line needs the broker)."""
+    some line needs the broker). ``rerun_cancelled`` also runs the lines
+    answered ``cancelled`` that may have run (:meth:`ResultsState.settled`).
+    Setting ``interrupt`` (what Ctrl-C does, see :func:`sigint_sets`) stops
+    the batch: outstanding calls are cancelled, their results waited for up
+    to ``cancel_wait`` seconds, and every line not answered yet is answered
+    ``cancelled``."""
+    interrupt = interrupt or Interrupt()
     state = read_results(out_path)
     call_lines = [number for number, _ in iter_input(calls_path)]
     strangers = sorted(set(state.answered) - set(call_lines))
@@ -336,68 +414,65 @@ def run_batch(
             "is it the results of another file? Use another --out"
         )
     outcome = BatchOutcome()
-    outcome.skipped = len(state.answered)
-    outcome.previously_failed = sum(1 for ok in state.answered.values() if not ok)
+    settled = [n for n in state.answered if state.settled(n, rerun_cancelled)]
+    outcome.skipped = len(settled)
+    outcome.previously_failed = sum(1 for n in settled if not state.answered[n])
+    outcome.cancelled_kept = sum(1 for n in settled if n in state.cancelled)
+    outcome.cancelled_rerun = len(state.answered) - len(settled)
     outcome.torn_bytes = state.torn_bytes
-    todo = len(call_lines) - len(state.answered)
-    del call_lines
+    todo = len(call_lines) - len(settled)
+    del call_lines, settled
     repair_results(out_path, state)
 
     bar = ProgressBar(todo, progress_stream or sys.stderr, show_progress)
     started = time.monotonic()
-    lines_of_index: dict[int, int] = {}
-    invalid: deque[tuple[int, ToolResult]] = deque()
 
-    def calls() -> Iterator[Call]:
-        index = 0
+    def source() -> Iterator[tuple[int, Call | ToolResult]]:
         for number, raw in iter_input(calls_path):
-            if number in state.answered:
-                continue
-            parsed = parse_line(number, raw, default_server=server, default_timeout=timeout)
-            if isinstance(parsed, ToolResult):
-                invalid.append((number, parsed))
-                continue
-            lines_of_index[index] = number
-            index += 1
-            yield parsed
+            if not state.settled(number, rerun_cancelled):
+                yield number, parse_line(number, raw, default_server=server, default_timeout=timeout)
 
+    lines = BatchLines(source(), interrupt)
     with out_path.open("a", encoding="utf-8") as f:
         writer = _Writer(f, outcome, bar)
 
         def flush_invalid() -> None:
-            while invalid:
-                writer.write(*invalid.popleft())
+            while lines.invalid:
+                writer.write(*lines.invalid.popleft())
 
         try:
-            pending = calls()
-            first = next(pending, None)
+            first = lines.next_call()
             flush_invalid()
-            if first is not None:
+            if first is not None and interrupt.requested:  # Ctrl-C before anything was sent
+                number = lines.answered(0)
+                writer.write(number, unsent_result(number, first))
+            elif first is not None:
                 tq = queue() if callable(queue) else queue
+                publisher = CancellingPublisher(tq)
                 stream = fanout.as_completed(
-                    tq,
-                    _chain(first, pending),
+                    publisher,
+                    lines.feed(first),
                     window=window,
                     chunk_size=chunk_size,
                     queue=task_queue,
                     stall_timeout=stall_timeout,
                 )
-                with contextlib.closing(stream):
-                    for index, result in stream:
-                        writer.write(lines_of_index.pop(index), result)
-                        flush_invalid()
+                fetcher = Fetcher(stream)
+                fetcher.start()
+                write_results(fetcher, lines, publisher, writer.write, interrupt, cancel_wait, flush_invalid)
+            if interrupt.requested:
+                flush_invalid()
+                for number, parsed in lines.rest():
+                    answer = parsed if isinstance(parsed, ToolResult) else unsent_result(number, parsed)
+                    writer.write(number, answer)
         except MCPConnectionError as exc:
             outcome.problem = exc.message
         finally:
+            outcome.interrupted = interrupt.requested
             flush_invalid()  # malformed lines read so far are answered whatever happened
             outcome.seconds = time.monotonic() - started
             bar.close(outcome.calls + outcome.unanswered, outcome.failed)
     return outcome
-
-
-def _chain(first: Call, rest: Iterator[Call]) -> Iterator[Call]:
-    yield first
-    yield from rest
 
 
 # --------------------------------------------------------------------------- the command
@@ -443,6 +518,19 @@ def _queue() -> Any:
     type=click.FloatRange(min=0, min_open=True),
     help="Give up when no call finished for this long (default: longest call deadline + 10 s).",
 )
+@click.option(
+    "--rerun-cancelled",
+    is_flag=True,
+    help="On resume, also run lines answered cancelled whose call may have run (by default only "
+    "cancelled lines that never ran run again).",
+)
+@click.option(
+    "--cancel-wait",
+    type=WAIT,
+    default=CANCEL_WAIT,
+    show_default=True,
+    help="After Ctrl-C, seconds to wait for the cancelled calls' own results.",
+)
 @click.option("--no-progress", is_flag=True, help="No progress bar, even on a terminal.")
 @click.option("--json", "as_json", is_flag=True, help="Print the summary as JSON.")
 def batch(
@@ -454,6 +542,8 @@ def batch(
     chunk_size: int | None,
     task_queue: str | None,
     stall_timeout: float | None,
+    rerun_cancelled: bool,
+    cancel_wait: float,
     no_progress: bool,
     as_json: bool,
 ) -> None:
@@ -463,28 +553,38 @@ def batch(
     Each line: {"tool": "add", "arguments": {"a": 1}, "server": "local", "timeout": 30}
     (only "tool" is required). A malformed line gets its own invalid_arguments
     result. Results are written as they finish: {"line": N, "success": ..., ...}.
-    Re-running with the same --out skips lines already answered there.
+    Re-running with the same --out skips lines already answered there, except
+    lines cancelled before their call ran (and, with --rerun-cancelled, every
+    cancelled line).
+
+    Ctrl-C cancels the calls still outstanding, writes their results (the lines
+    not sent yet as cancelled) and exits 130.
 
     Exits 0 when every line succeeded, 1 when any failed, 2 on bad usage,
     3 when the broker, the result backend or a worker could not be reached.
     """
+    interrupt = Interrupt()
     try:
         if out_file.exists() and calls_file.resolve() == out_file.resolve():
             raise click.UsageError("--out must not be the calls file itself")
         stderr = sys.stderr
-        outcome = run_batch(
-            calls_file,
-            out_file,
-            queue=_queue,
-            server=server,
-            timeout=timeout,
-            window=window,
-            chunk_size=chunk_size,
-            task_queue=task_queue,
-            stall_timeout=stall_timeout,
-            progress_stream=stderr,
-            show_progress=not no_progress and stderr.isatty(),
-        )
+        with sigint_sets(interrupt):
+            outcome = run_batch(
+                calls_file,
+                out_file,
+                queue=_queue,
+                server=server,
+                timeout=timeout,
+                window=window,
+                chunk_size=chunk_size,
+                task_queue=task_queue,
+                stall_timeout=stall_timeout,
+                progress_stream=stderr,
+                show_progress=not no_progress and stderr.isatty(),
+                rerun_cancelled=rerun_cancelled,
+                interrupt=interrupt,
+                cancel_wait=cancel_wait,
+            )
     except ResultsFileError as exc:
         click.echo(f"mcpq: {exc}", err=True)
         sys.exit(EXIT_USAGE)
@@ -503,9 +603,24 @@ def batch(
                 f"skipped {outcome.skipped} lines already answered in {out_file}"
                 + (f" ({outcome.previously_failed} of them failed)" if outcome.previously_failed else "")
             )
+        if outcome.cancelled_rerun:
+            click.echo(f"ran again {outcome.cancelled_rerun} lines answered cancelled before")
+        if outcome.cancelled_kept:
+            click.echo(
+                f"cancelled earlier and may have run: {outcome.cancelled_kept}, not re-run; "
+                "pass --rerun-cancelled to run them"
+            )
     if outcome.torn_bytes:
         click.echo(
             f"mcpq: dropped a half-written last line ({outcome.torn_bytes} bytes) from {out_file}", err=True
+        )
+    if outcome.interrupted:
+        ran = outcome.cancelled_may_have_run
+        click.echo(
+            f"mcpq: interrupted: {outcome.cancelled} calls cancelled"
+            + (f" ({ran} may have run: a resume keeps those unless --rerun-cancelled)" if ran else "")
+            + f"; run the same command again to resume ({out_file})",
+            err=True,
         )
     if outcome.problem is not None:
         click.echo(f"mcpq: {outcome.problem}; run the same command again to resume", err=True)

@@ -195,10 +195,17 @@ def invalid_call_result(item: Any, index: int, exc: InvalidArgumentsError) -> To
     )
 
 
-def unsent_cancelled_result(item: Any, index: int, task_id: str | None) -> ToolResult:
+def unsent_cancelled_result(
+    item: Any, index: int, task_id: str | None, *, what: str = "call", key: str = "index", why: str = ""
+) -> ToolResult:
     """The ``cancelled`` result of input item ``index`` of a batch cancelled
-    before the item was published: it never reached a worker. ``task_id`` is
-    the id it was given up front, if any."""
+    before the item was published: it never reached a worker.
+
+    :param task_id: the id it was given up front, if any.
+    :param what: how the message names an item (``mcpq batch``: ``line``).
+    :param key: the details key that holds ``index``.
+    :param why: said after "cancelled" (`` (Ctrl-C)``).
+    """
     if isinstance(item, Call):
         label = item.label
     else:
@@ -209,9 +216,9 @@ def unsent_cancelled_result(item: Any, index: int, task_id: str | None) -> ToolR
     return ToolResult(
         success=False,
         tool_name=label,
-        error=f"call {index} was cancelled before it was sent",
+        error=f"{what} {index} was cancelled{why} before it was sent",
         error_code=ErrorCode.CANCELLED.value,
         request_id=task_id,
         attempts=0,
-        details={"index": index, "may_have_run": False, "retry_safe": False, "sent": False},
+        details={key: index, "may_have_run": False, "retry_safe": False, "sent": False},
     )

@@ -2,7 +2,8 @@
 
 Exit codes scripts can trust: 0 success, 1 the call failed (the result says
 why), 2 bad usage or config, 3 the broker, Redis or a worker could not be
-reached.
+reached, 130 interrupted (Ctrl-C; ``call`` and ``batch`` cancel what they
+started first).
 """
 
 from __future__ import annotations
@@ -27,6 +28,7 @@ from mcpq.worker.contract.errors import (
 from mcpq.worker.contract.settings import Settings
 
 EXIT_OK, EXIT_FAILED, EXIT_USAGE, EXIT_UNREACHABLE = 0, 1, 2, 3
+EXIT_INTERRUPTED = 130
 
 
 def parse_arguments(values: Sequence[str]) -> dict[str, Any]:
@@ -160,6 +162,11 @@ def tools(server: str | None, as_json: bool, refresh: bool, wait: float) -> None
 @click.option("--wait", type=WAIT, help="How long to wait for the result (default: deadline + 10 s).")
 @click.option("--no-wait", is_flag=True, help="Enqueue and print the task id only.")
 @click.option(
+    "--progress",
+    is_flag=True,
+    help="Show the call's progress on stderr while waiting (a bar on a terminal, else one line per update).",
+)
+@click.option(
     "--json", "as_json", is_flag=True, help="Print JSON (the default for call; accepted for scripts)."
 )
 def call(
@@ -169,27 +176,84 @@ def call(
     timeout: float | None,
     wait: float | None,
     no_wait: bool,
+    progress: bool,
     as_json: bool,
 ) -> None:
     """Call TOOL with ARGUMENTS ('{"a": 1}' or a=1 b=2); print the result as JSON.
 
     Exits 0 on success, 1 when the call failed (see error_code), 3 when no
-    broker or worker could be reached.
+    broker or worker could be reached. Ctrl-C cancels the call and exits 130.
     """
+    from mcpq.producer.cli_call import CallInterrupted, run_call
+    from mcpq.producer.cli_progress import progress_view
+
     args = parse_arguments(arguments)
     queue = _queue()
     try:
         if no_wait:
-            handle = queue.submit(tool, args, server=server, timeout=timeout)
+            handle = queue.submit(tool, args, server=server, timeout=timeout, progress=progress)
             _print_json({"task_id": handle.id, "tool": handle.tool})
             return
-        result = queue.call(tool, args, server=server, timeout=timeout, wait=wait)
+        view = progress_view(tool if server is None else f"{server}/{tool}", sys.stderr) if progress else None
+        result = run_call(queue, tool, args, server=server, timeout=timeout, wait=wait, view=view)
     except MCPConnectionError as exc:
         _unreachable(exc)
+    except CallInterrupted as exc:
+        if exc.result is not None:
+            _print_json(exc.result.to_dict())
+        _fail(exc.message, EXIT_INTERRUPTED)
     _print_json(result.to_dict())
     if not result.success:
         unreachable = result.error_code in ("connection_error", "timeout") and not result.server_name
         sys.exit(EXIT_UNREACHABLE if unreachable else EXIT_FAILED)
+
+
+@cli.command()
+@click.argument("ids", nargs=-1, required=True, metavar="ID...")
+@click.option(
+    "--wait",
+    type=WAIT,
+    default=0.0,
+    show_default=True,
+    help="Then wait up to this long for each cancelled call's final result, and print it.",
+)
+@click.option("--json", "as_json", is_flag=True, help="Print JSON for scripts.")
+def cancel(ids: tuple[str, ...], wait: float, as_json: bool) -> None:
+    """Cancel calls by id (the task id `mcpq call --no-wait` prints).
+
+    \b
+    Prints one line per id:
+      ID finished ok|ERROR_CODE   the call had ended; nothing changed
+      ID cancel requested         a running call is interrupted, a queued one never runs
+    With --wait, then "ID ended ERROR_CODE" once the call's own result
+    (usually cancelled) is in.
+
+    Exits 0 when every id was handled, 1 for an id no call has (call_not_found)
+    or no result within --wait, 2 for a malformed id (the worst of them wins),
+    3 when Redis cannot be reached.
+    """
+    from mcpq.producer.cli_cancel import CancelRow, cancel_all, wait_for_ends
+
+    def shown(row: CancelRow) -> None:
+        if row.state == "error":
+            click.echo(f"mcpq: {row.error_code}: {row.error}", err=True)
+        elif not as_json:
+            click.echo(row.line())
+
+    def ended(row: CancelRow) -> None:
+        if not as_json:
+            click.echo(row.ended_line(wait))
+
+    try:
+        queue = _queue()
+        rows = cancel_all(queue, ids, shown)
+        if wait > 0:
+            wait_for_ends(queue, rows, wait, ended)
+    except _redis_errors() as exc:
+        _unreachable(exc)
+    if as_json:
+        _print_json([row.to_dict() for row in rows])
+    sys.exit(max(row.exit_code for row in rows))
 
 
 @cli.command()
