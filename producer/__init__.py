@@ -8,6 +8,7 @@ Importing this package never imports the MCP SDK.
 """
 
 from mcpq.producer.aio import AsyncCallHandle, AsyncToolQueue
+from mcpq.producer.aio_fanout import AsyncFanOutHandle
 from mcpq.producer.cancelling import CancelOutcome
 from mcpq.producer.events import CallEvent, ProgressEvent, ResultEvent, StatusEvent
 from mcpq.producer.queue import CallHandle, ToolQueue
@@ -32,6 +33,7 @@ from mcpq.worker.contract.result import ToolResult
 __all__ = [
     "AmbiguousToolError",
     "AsyncCallHandle",
+    "AsyncFanOutHandle",
     "AsyncToolQueue",
     "CallCancelledError",
     "CallEvent",

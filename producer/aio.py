@@ -20,7 +20,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import weakref
-from collections.abc import AsyncIterator, Iterable, Mapping
+from collections.abc import AsyncIterator, Iterable, Mapping, Sequence
 from typing import Any, Unpack
 
 import redis
@@ -87,6 +87,8 @@ class AsyncCallHandle:
         self._state = state
         self._wants_progress = progress
         self._finalizer: weakref.finalize[Any, Any] | None = None
+        # A handle from submit names a call this queue published: no need to ask whether it exists.
+        self._known = state is not None
         if state is not None:
             self._hold(state)
 
@@ -141,8 +143,9 @@ class AsyncCallHandle:
         last; the iterator ends after it. Raises CallNotFoundError for an id
         no call has (a handle from ``get``)."""
         state = await self._followed()
-        if not state.stored and state.result is None:
+        if not (self._known or state.stored) and state.result is None:
             await self._queue._must_be_known(state)
+            self._known = True
         inbox: asyncio.Queue[CallEvent | BaseException] = asyncio.Queue()
         state.listeners.append(inbox)
         try:
@@ -391,6 +394,14 @@ class AsyncToolQueue(AsyncFleetState):
             raise not_found(state.id) from None
 
     # -- cancel ------------------------------------------------------------------
+    async def _request_cancel(self, task_ids: Sequence[str]) -> None:
+        """Flag calls a fan-out published itself as cancelled and tell the
+        workers, in one request on the publisher thread (no checks: see
+        :meth:`ToolQueue.request_cancel`). Raises MCPConnectionError when the
+        state Redis cannot be reached."""
+        ids, core = list(task_ids), self._core
+        await self._blocking(lambda: core.request_cancel(ids), "state", self.settings.redis_url)
+
     async def cancel(self, task_id: str) -> CancelOutcome:
         """Cancel call ``task_id``, as :meth:`ToolQueue.cancel` does (same
         outcomes, same errors): ``CancelOutcome(id, "finished", result)`` for
@@ -454,6 +465,18 @@ class AsyncToolQueue(AsyncFleetState):
         """``async for (index, result)`` as ``calls`` finish, every index once
         (as :meth:`ToolQueue.as_completed`)."""
         return aio_fanout.as_completed(self, calls, **options)
+
+    async def submit_many(
+        self, calls: Iterable[Call | Mapping[str, Any]], **options: Unpack[FanOutOptions]
+    ) -> aio_fanout.AsyncFanOutHandle:
+        """Publish ``calls`` (as for :meth:`fan_out`) and return an
+        ``AsyncFanOutHandle`` (``.ids``, ``.progress``, ``as_completed()``,
+        ``await results()``, ``await cancel()``, ``close()``), as
+        :meth:`ToolQueue.submit_many` does: ``options`` as for :meth:`map`,
+        except that ``window`` defaults to 0 here: every call is published
+        before this returns unless ``window`` is set (then the rest are
+        published while the handle's results are read)."""
+        return await aio_fanout.submit_many(self, calls, **options)
 
     # -- closing -----------------------------------------------------------------
     async def close(self) -> None:

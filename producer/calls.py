@@ -195,6 +195,17 @@ def invalid_call_result(item: Any, index: int, exc: InvalidArgumentsError) -> To
     )
 
 
+def item_label(item: Any) -> str:
+    """How a batch names an input item before it is checked: ``server/tool``,
+    the tool, or ``?`` (whatever the item holds, even a malformed one)."""
+    if isinstance(item, Call):
+        return item.label
+    tool = item.get("tool") if isinstance(item, Mapping) else None
+    server = item.get("server") if isinstance(item, Mapping) else None
+    name = tool if isinstance(tool, str) and tool else "?"
+    return f"{server}/{name}" if isinstance(server, str) and server else name
+
+
 def unsent_cancelled_result(
     item: Any, index: int, task_id: str | None, *, what: str = "call", key: str = "index", why: str = ""
 ) -> ToolResult:
@@ -206,16 +217,9 @@ def unsent_cancelled_result(
     :param key: the details key that holds ``index``.
     :param why: said after "cancelled" (`` (Ctrl-C)``).
     """
-    if isinstance(item, Call):
-        label = item.label
-    else:
-        tool = item.get("tool") if isinstance(item, Mapping) else None
-        server = item.get("server") if isinstance(item, Mapping) else None
-        name = tool if isinstance(tool, str) and tool else "?"
-        label = f"{server}/{name}" if isinstance(server, str) and server else name
     return ToolResult(
         success=False,
-        tool_name=label,
+        tool_name=item_label(item),
         error=f"{what} {index} was cancelled{why} before it was sent",
         error_code=ErrorCode.CANCELLED.value,
         request_id=task_id,

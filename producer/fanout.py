@@ -33,6 +33,7 @@ from mcpq.producer.calls import (
     ProgressCallback,
     auto_chunk_size,
     coerce_call,
+    item_label,
     task_result_to_tool_result,
 )
 from mcpq.producer.engine import BatchRun, Publisher
@@ -258,14 +259,7 @@ def submit_many(
     config = FanOutConfig.from_options(options, window=SUBMIT_MANY_WINDOW)
     items = list(calls)
     ids = [str(uuid.uuid4()) for _ in items]
-    labels = []
-    for item in items:
-        if isinstance(item, Call):
-            labels.append(item.label)
-        else:
-            tool = item.get("tool") if isinstance(item, Mapping) else None
-            server = item.get("server") if isinstance(item, Mapping) else None
-            labels.append(f"{server}/{tool}" if server else str(tool or "?"))
+    labels = [item_label(item) for item in items]
     run = BatchRun(tq, items, config, task_ids=ids)
     run.refill()
     return FanOutHandle(run, ids, labels)
