@@ -28,7 +28,7 @@ from mcpq import (
 )
 from mcpq.producer.calls import Call, Progress
 from mcpq.producer.events import ProgressEvent, ResultEvent, StatusEvent
-from tests.support.procs import read_count, read_events, start_hang_server, wait_until
+from tests.support.procs import read_count, read_events, start_hang_server, start_test_server, wait_until
 from tests.support.stack import Stack, stdio_server
 
 pytestmark = [pytest.mark.integration, pytest.mark.timeout(180)]
@@ -81,6 +81,22 @@ def test_hundreds_of_gathered_calls_are_correct_on_a_few_threads(stack: Stack) -
     assert [r.structured for r in results] == [{"result": i + 7} for i in range(600)]
     assert all(r.success and r.server_name == "local" for r in results)
     assert peak <= 8, f"{peak} threads"
+
+
+def test_gathered_calls_over_streamable_http(make_stack: Callable[..., Any], count_dir: Path) -> None:
+    with start_test_server("http", env={"MCPQ_TEST_COUNT_DIR": str(count_dir)}) as server:
+        stack: Stack = make_stack({"remote": {"url": server.url, "retry_attempts": 0}})
+        stack.start_worker(concurrency=16)
+
+        async def main() -> list[ToolResult]:
+            async with AsyncToolQueue(stack.settings) as q:
+                return list(
+                    await asyncio.gather(*(q.call("add", {"a": i, "b": 1}, wait=60) for i in range(200)))
+                )
+
+        results = run(main())
+    assert [r.structured for r in results] == [{"result": i + 1} for i in range(200)]
+    assert {r.server_name for r in results} == {"remote"}
 
 
 def test_call_failure_rules_match_the_sync_face(stack: Stack) -> None:

@@ -152,6 +152,25 @@ def test_a_call_waiting_for_its_retry_is_not_tried_again(
     assert ledger_is_empty(stack)
 
 
+def test_a_call_waiting_on_a_fleet_limit_is_never_sent(
+    make_stack: Callable[..., Any], count_dir: Path, server_entry: Callable[..., dict[str, Any]]
+) -> None:
+    # One call at a time fleet-wide: the second waits off-slot (re-enqueued), not on a thread.
+    stack = make_stack({"local": server_entry(timeout=90, max_concurrency=1)})
+    stack.start_worker()
+    holder = stack.queue.submit("wait_for_cancel", {"key": "hold", "ms": HOLD_MS}, timeout=90)
+    wait_until(lambda: read_events(count_dir, "hold") == ["started"], 30, message="the holder never started")
+    waiting = stack.queue.submit("count", {"key": "limited"}, timeout=60)
+    wait_until(lambda: waiting.state == "RETRY", 30, message="the call never waited on the limit")
+    cancel(stack, waiting.id)
+    result = waiting.result(30)
+    assert_cancelled(result, may_have_run=False)
+    assert read_count(count_dir, "limited") == 0
+    cancel(stack, holder.id)
+    assert_cancelled(holder.result(30), may_have_run=True)
+    assert ledger_is_empty(stack)
+
+
 def test_chunk_calls_are_cancelled_one_by_one(
     make_stack: Callable[..., Any], count_dir: Path, server_entry: Callable[..., dict[str, Any]]
 ) -> None:
