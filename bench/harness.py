@@ -221,9 +221,11 @@ class WorkerProcess(ChildProcess):
         self.name = f"{node or queue}@{platform.node() or 'localhost'}"
         self.pool = pool
         self.concurrency = concurrency
+        # Celery reads "-P prefork" as "the app's pool" (threads, for mcpq's app).
+        celery_pool = "processes" if pool == "prefork" else pool
         argv = [
             sys.executable, "-m", "celery", "-A", app, "worker",
-            "-P", pool, "-c", str(concurrency), "-Q", queue, "-n", self.name,
+            "-P", celery_pool, "-c", str(concurrency), "-Q", queue, "-n", self.name,
             "--without-gossip", "--without-mingle", "--loglevel", "warning", *extra_args,
         ]  # fmt: skip
         super().__init__(argv, env, "worker")

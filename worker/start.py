@@ -52,6 +52,9 @@ def celery_worker_argv(
     """
     own_queue = any(arg in _QUEUE_OPTIONS or arg.startswith(("--queues=", "-Q")) for arg in passthrough)
     argv = [sys.executable, "-m", "celery", "-A", "mcpq.worker", "worker"]
+    # Celery's CLI reads "-P prefork" as "no pool given" and runs the app's
+    # configured pool (threads) instead: ask for prefork by its other name.
+    pool = "processes" if pool == "prefork" else pool
     argv += ["-P", pool, "-c", str(concurrency or settings.worker_concurrency)]
     argv += [] if own_queue else ["-Q", settings.queue]
     argv += ["--loglevel", loglevel]
