@@ -183,7 +183,17 @@ def test_an_oversized_chunk_fails_each_of_its_calls(make_stack: Callable[..., An
 def test_a_chunk_the_broker_lost_is_published_again(
     make_stack: Callable[..., Any], count_dir: Path, redis_url: str
 ) -> None:
-    stack = make_stack({"local": stdio_server(count_dir, timeout=1, connect_timeout=2)}, env=TINY_BUDGETS)
+    # Budgets small enough for the ledger to republish within the test (its
+    # grace: 2 x visibility + hard limit + restore interval, 29.5 s), with room
+    # for a stdio server that starts slowly on a loaded machine (a 2 s connect
+    # budget once failed every call of the chunk).
+    budgets = {
+        **TINY_BUDGETS,
+        "MCPQ_SOFT_TIME_LIMIT": "8",
+        "MCPQ_TIME_LIMIT": "9",
+        "MCPQ_VISIBILITY_TIMEOUT": "10",
+    }
+    stack = make_stack({"local": stdio_server(count_dir, timeout=1, connect_timeout=6)}, env=budgets)
     handle = stack.queue.submit_many([Call("count", {"key": f"l{i}"}) for i in range(6)], chunk_size=6)
     assert len(handle.chunk_ids) == 1
     broker = redis.Redis.from_url(f"{redis_url}/0")
