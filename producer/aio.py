@@ -55,6 +55,7 @@ from mcpq.worker.contract.keys import Keys
 from mcpq.worker.contract.progress import ProgressUpdate
 from mcpq.worker.contract.result import ToolResult
 from mcpq.worker.contract.settings import Settings
+from mcpq.worker.contract.tracing import submit_span
 from mcpq.worker.contract.unreachable import is_unreachable, unreachable_error
 
 #: Connections of each async client at most: the pub/sub one plus a few for GET/MGET.
@@ -302,25 +303,28 @@ class AsyncToolQueue(AsyncFleetState):
         :raises MCPConnectionError: the broker, result backend or state Redis is unreachable.
         :raises MCPError: the queue is closed.
         """
-        prepared = prepare_call(
-            self.settings,
-            tool,
-            arguments,
-            server=server,
-            timeout=timeout,
-            request_id=request_id,
-            idempotency_key=idempotency_key,
-            queue=queue,
-            progress=progress,
-        )
-        publisher, tracker = self._started()
-        # Listen before publishing, so no result can come before its listener.
-        state = await self._track(prepared.task_id, prepared.label, progress=progress, look=False)
-        try:
-            answered_by = await publisher.publish(prepared)
-        except BaseException:
-            tracker.release(state)
-            raise
+        with submit_span(tool, server, queue or self.settings.queue):  # a no-op unless tracing is on
+            prepared = prepare_call(
+                self.settings,
+                tool,
+                arguments,
+                server=server,
+                timeout=timeout,
+                request_id=request_id,
+                idempotency_key=idempotency_key,
+                queue=queue,
+                progress=progress,
+                traced=True,
+            )
+            publisher, tracker = self._started()
+            # Listen before publishing, so no result can come before its listener.
+            state = await self._track(prepared.task_id, prepared.label, progress=progress, look=False)
+            try:
+                # Published on the publisher thread, with this span's context (PreparedCall.trace).
+                answered_by = await publisher.publish(prepared)
+            except BaseException:
+                tracker.release(state)
+                raise
         if answered_by != prepared.task_id:
             # An idempotency key's earlier call: its result (maybe stored already) is this one's.
             tracker.release(state)

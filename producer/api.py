@@ -44,6 +44,7 @@ from mcpq.producer.api_errors import (
     install_error_handlers,
     result_response,
 )
+from mcpq.producer.api_metrics import CONTENT_TYPE_LATEST, APIMetrics, MetricsMiddleware
 from mcpq.producer.api_models import (
     MAX_BATCH,
     BreakerReset,
@@ -488,7 +489,20 @@ def create_app(queue: AsyncToolQueue | None = None, settings: Settings | None = 
     install_error_handlers(app, settings)
     app.include_router(public)
     app.include_router(admin)
+    _add_metrics(app, state)
     return app
+
+
+def _add_metrics(app: FastAPI, state: _State) -> None:
+    """``GET /metrics`` (open, like Flower's; not in the OpenAPI document): docs/observability.md."""
+    metrics = APIMetrics()
+    app.state.metrics = metrics
+    app.add_middleware(MetricsMiddleware, metrics=metrics)
+
+    @app.get("/metrics", include_in_schema=False)
+    async def serve_metrics() -> Response:
+        body = await metrics.exposition(state.queue.breakers)
+        return Response(body, media_type=CONTENT_TYPE_LATEST)
 
 
 def serve(host: str, port: int) -> None:

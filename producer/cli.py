@@ -443,6 +443,15 @@ def _add_batch_command() -> None:
 _add_batch_command()
 
 
+def _add_top_command() -> None:
+    from mcpq.producer.top import top
+
+    cli.add_command(top)
+
+
+_add_top_command()
+
+
 def main(argv: Sequence[str] | None = None) -> None:
     try:
         cli.main(args=list(argv) if argv is not None else None, prog_name="mcpq", standalone_mode=True)

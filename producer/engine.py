@@ -332,6 +332,7 @@ class BatchRun:
         for index, call in batch:
             task_id = self._task_ids[index] if self._task_ids is not None else str(uuid.uuid4())
             kwargs: dict[str, Any] = {"tool": call.tool, "arguments": call.arguments}
+            kwargs["enqueued_at"] = time.time()  # the worker's queue-wait metric
             if call.server is not None:
                 kwargs["server"] = call.server
             if call.timeout is not None:

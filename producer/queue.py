@@ -56,6 +56,7 @@ from mcpq.worker.contract.progress import ProgressUpdate
 from mcpq.worker.contract.result import ToolResult
 from mcpq.worker.contract.settings import Settings
 from mcpq.worker.contract.task_names import CALL_TOOL, DISCOVER, HEALTH
+from mcpq.worker.contract.tracing import submit_span
 from mcpq.worker.contract.unreachable import exception_chain, is_unreachable, unreachable_error
 
 log = logging.getLogger(__name__)
@@ -199,42 +200,44 @@ class ToolQueue:
         Raises InvalidArgumentsError, before anything is sent, for arguments that
         are not JSON the SDK can send and for a timeout that is not a positive
         finite number of seconds."""
-        prepared = prepare_call(
-            self.settings,
-            tool,
-            arguments,
-            server=server,
-            timeout=timeout,
-            request_id=request_id,
-            idempotency_key=idempotency_key,
-            queue=queue,
-            progress=progress,
-        )
-        first = claim_idempotency_key(self.redis, self.keys, self.settings, prepared)
-        if first is not None:
-            # Same key, same call, within the window: the first call's result is this one's.
-            return CallHandle(AsyncResult(first, app=self.app), prepared.label, prepared.wait_hint, self)
-        self.record_in_ledger([prepared.ledger_entry])
-        try:
-            # send_task, not sending.send_call_tool: it subscribes Celery's
-            # result consumer to the call, which is how result() hears of it.
-            async_result = self.app.send_task(
-                CALL_TOOL,
-                kwargs=prepared.kwargs,
-                task_id=prepared.task_id,
-                queue=prepared.queue,
-                retry=True,
-                retry_policy=PUBLISH_RETRY,
-                # Flower and logs show the tool and the arguments with secret
-                # values masked; the broker message itself still holds them.
-                argsrepr="()",
-                kwargsrepr=prepared.shown,
+        with submit_span(tool, server, queue or self.settings.queue):  # a no-op unless tracing is on
+            prepared = prepare_call(
+                self.settings,
+                tool,
+                arguments,
+                server=server,
+                timeout=timeout,
+                request_id=request_id,
+                idempotency_key=idempotency_key,
+                queue=queue,
+                progress=progress,
+                traced=True,
             )
-        except Exception as exc:
-            if not is_unreachable(exc):
-                raise
-            raise unreachable_error("broker_or_backend", self.settings.broker_url, exc) from None
-        return CallHandle(async_result, prepared.label, prepared.wait_hint, self)
+            first = claim_idempotency_key(self.redis, self.keys, self.settings, prepared)
+            if first is not None:
+                # Same key, same call, within the window: the first call's result is this one's.
+                return CallHandle(AsyncResult(first, app=self.app), prepared.label, prepared.wait_hint, self)
+            self.record_in_ledger([prepared.ledger_entry])
+            try:
+                # send_task, not sending.send_call_tool: it subscribes Celery's
+                # result consumer to the call, which is how result() hears of it.
+                async_result = self.app.send_task(
+                    CALL_TOOL,
+                    kwargs=prepared.kwargs,
+                    task_id=prepared.task_id,
+                    queue=prepared.queue,
+                    retry=True,
+                    retry_policy=PUBLISH_RETRY,
+                    # Flower and logs show the tool and the arguments with secret
+                    # values masked; the broker message itself still holds them.
+                    argsrepr="()",
+                    kwargsrepr=prepared.shown,
+                )
+            except Exception as exc:
+                if not is_unreachable(exc):
+                    raise
+                raise unreachable_error("broker_or_backend", self.settings.broker_url, exc) from None
+            return CallHandle(async_result, prepared.label, prepared.wait_hint, self)
 
     @property
     def ledger(self) -> Ledger:

@@ -18,6 +18,7 @@ from typing import Any
 from celery import Celery
 
 from mcpq.producer.submission import PreparedCall
+from mcpq.worker.contract import tracing
 from mcpq.worker.contract.ledger import ledger_message
 from mcpq.worker.contract.redact import describe_chunk
 from mcpq.worker.contract.task_names import CALL_CHUNK, CALL_TOOL
@@ -112,5 +113,11 @@ def send_call_tool(
         argsrepr="()",
         kwargsrepr=call.shown,
     )
-    with app.producer_or_acquire(producer) as p, p.connection._reraise_as_library_errors():
+    # On the publisher thread: the submit span is current again, so Celery's
+    # publish span is its child and the message headers carry its trace.
+    with (
+        tracing.attached(call.trace),
+        app.producer_or_acquire(producer) as p,
+        p.connection._reraise_as_library_errors(),
+    ):
         amqp.send_task_message(p, CALL_TOOL, message, retry=True, retry_policy=retry_policy, **options)

@@ -9,6 +9,7 @@ face can call it inline and the asyncio face on its publisher thread.
 from __future__ import annotations
 
 import json
+import time
 import uuid
 from dataclasses import dataclass
 from typing import Any
@@ -16,6 +17,7 @@ from typing import Any
 import redis
 
 from mcpq.producer.publish_policy import RESULT_GRACE
+from mcpq.worker.contract import tracing
 from mcpq.worker.contract.arguments import check_arguments
 from mcpq.worker.contract.errors import InvalidArgumentsError, MCPConnectionError, MCPTimeoutError
 from mcpq.worker.contract.keys import Keys
@@ -27,7 +29,7 @@ from mcpq.worker.contract.settings import Settings
 from mcpq.worker.contract.unreachable import is_unreachable, unreachable_error
 
 #: Task kwargs a ``mcpq.call_chunk`` entry may carry besides ``id`` (worker/tasks.py).
-CHUNK_ENTRY_FIELDS = frozenset({"tool", "arguments", "server", "timeout", "progress"})
+CHUNK_ENTRY_FIELDS = frozenset({"tool", "arguments", "server", "timeout", "progress", "enqueued_at"})
 
 
 def checked_seconds(value: Any, name: str, *, allow_zero: bool = False) -> float:
@@ -61,6 +63,9 @@ class PreparedCall:
     wait_hint: float
     idempotency_key: str | None
     progress: bool
+    #: The submit span's trace context (``traceparent``, ...) when tracing is on:
+    #: current again around the publish on another thread, a chunk entry's ``trace``.
+    trace: dict[str, str] | None = None
 
     @property
     def ledger_entry(self) -> tuple[str, dict[str, Any]]:
@@ -75,7 +80,10 @@ class PreparedCall:
 
     def chunk_entry(self) -> dict[str, Any]:
         """The call as an entry of a ``mcpq.call_chunk`` task."""
-        return {"id": self.task_id, **{k: v for k, v in self.kwargs.items() if k in CHUNK_ENTRY_FIELDS}}
+        entry = {"id": self.task_id, **{k: v for k, v in self.kwargs.items() if k in CHUNK_ENTRY_FIELDS}}
+        if self.trace:
+            entry["trace"] = self.trace
+        return entry
 
 
 def prepare_call(
@@ -89,6 +97,7 @@ def prepare_call(
     idempotency_key: str | None = None,
     queue: str | None = None,
     progress: bool = False,
+    traced: bool = False,
 ) -> PreparedCall:
     """Check one call and build what publishing it needs.
 
@@ -101,6 +110,9 @@ def prepare_call(
     :param idempotency_key: checked later by :func:`claim_idempotency_key`.
     :param queue: the Celery queue, overriding ``settings.queue``.
     :param progress: ask the worker to relay the server's progress.
+    :param traced: called inside a ``submit`` span (``tracing.submit_span``):
+        the call carries that trace. Fan-out leaves it off: each of its calls
+        is traced on its own, linked to its chunk.
     :raises InvalidArgumentsError: arguments that cannot be sent, a timeout
         that is not a positive finite number of seconds.
     """
@@ -122,6 +134,8 @@ def prepare_call(
         # Only when asked: older workers reject the field, and without it the
         # worker sends no progress traffic at all.
         kwargs["progress"] = True
+    # When the call was enqueued (epoch seconds): the worker's queue-wait metric.
+    kwargs["enqueued_at"] = time.time()
     label = call_label(tool, server)
     wait_hint = (timeout if timeout is not None else settings.default_timeout) + RESULT_GRACE
     return PreparedCall(
@@ -136,7 +150,14 @@ def prepare_call(
         wait_hint=wait_hint,
         idempotency_key=idempotency_key,
         progress=progress,
+        trace=_traced(task_id) if traced else None,
     )
+
+
+def _traced(task_id: str) -> dict[str, str] | None:
+    """Name the call on the current (submit) span; its trace context, or None when tracing is off."""
+    tracing.note("mcpq.call_id", task_id)
+    return tracing.carrier()
 
 
 def claim_idempotency_key(

@@ -19,6 +19,8 @@ from typing import Any
 
 from mcp import Client
 
+from mcpq.worker import metrics
+from mcpq.worker import tracing as call_tracing
 from mcpq.worker.breaker import Admission, BreakerPolicy, Claim, ServerGuard
 from mcpq.worker.cancellation import CallWatch, CancelListener
 from mcpq.worker.claims import CallInProgress, ClaimKeeper, worker_of
@@ -214,6 +216,7 @@ class ToolRouter:
         admission = self.guard.admit(
             config.name, self.policies[config.name], uuid.uuid4().hex, lease_ttl, claim
         )
+        call_tracing.current().admission(admission.decision)
         if admission.admitted or admission.decision in ("done", "busy", "orphaned", "cancelled"):
             return admission
         wait = round(admission.retry_after, 3)
@@ -285,11 +288,13 @@ class ToolRouter:
             self.cancels.watch(call_id) if self.cancels is not None else contextlib.nullcontext(None)
         )
         relay = self.progress.relay(call_id) if progress and call_id and self.progress else None
-        with watching as watch:
-            return self._call(
+        with watching as watch, call_tracing.call_span(tool, server, attempt) as span:
+            result = self._call(
                 tool, arguments, server, timeout, request_id, claim_key, attempt, ledger_id,
                 call_id, watch, relay,
             )  # fmt: skip
+            span.finish(result)
+            return result
 
     def _call(
         self,
@@ -312,6 +317,7 @@ class ToolRouter:
             budget = timeout if timeout is not None else self.default_timeout(tool, server)
             deadline = started + budget
             target = self.resolve(tool, server, deadline)
+            call_tracing.current().target(target.server.name, target.server.transport)
             args = {} if arguments is None else arguments
             validate_arguments(
                 target.tool, target.definition.get("inputSchema"), args, self.config.secret_patterns
@@ -490,11 +496,15 @@ class ToolRouter:
     ) -> dict[str, Any]:
         """The MCP request; raises :class:`_Interrupted` when ``watch`` fires first."""
 
+        # The call's span, made current again on the loop thread around the request.
+        handoff = call_tracing.handoff()
+
         async def op(client: Client) -> dict[str, Any]:
             remaining = max(deadline - time.monotonic(), 0.001)
-            result = await client.call_tool(
-                target.tool, args, read_timeout_seconds=remaining, progress_callback=relay
-            )
+            with call_tracing.resumed(handoff, client):
+                result = await client.call_tool(
+                    target.tool, args, read_timeout_seconds=remaining, progress_callback=relay
+                )
             return result.model_dump(mode="json", by_alias=True, exclude_none=True)
 
         if watch is not None and watch.fired:  # cancelled between admit and here
@@ -503,11 +513,12 @@ class ToolRouter:
         coro = self.pool.with_session(target.server.name, deadline, op, idempotent=idempotent)
         try:
             # The loop enforces the deadline; this outer bound only guards against a wedged loop.
-            return self.pool.run(
-                coro,
-                timeout=budget + target.server.connect_timeout + 5,
-                on_submit=watch.attach if watch is not None else None,
-            )
+            with metrics.current().in_flight(target.server.name):
+                return self.pool.run(
+                    coro,
+                    timeout=budget + target.server.connect_timeout + 5,
+                    on_submit=watch.attach if watch is not None else None,
+                )
         except concurrent.futures.CancelledError:
             if watch is not None and watch.fired:
                 # Once handed to the loop the request may have been written

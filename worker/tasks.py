@@ -35,8 +35,11 @@ from mcpq.worker.contract.task_names import (
 )
 from mcpq.worker.followup import Again, next_step, when_busy
 from mcpq.worker.manager import MCPClientManager, get_manager
+from mcpq.worker.metrics import check_enqueued_at, queue_wait
+from mcpq.worker.metrics import current as metrics
 from mcpq.worker.result_writer import ResultWriter
 from mcpq.worker.router import LEDGER_CLEARED
+from mcpq.worker.tracing import chunk_call, queued
 
 log = logging.getLogger(__name__)
 
@@ -70,6 +73,7 @@ def call_tool(
     deadline_at: Any = None,
     waits: Any = 0,
     progress: Any = False,
+    enqueued_at: Any = None,
     **unknown: Any,
 ) -> dict[str, Any]:
     """Run one tool call; retries and waits re-enqueue this task, never sleep.
@@ -78,8 +82,11 @@ def call_tool(
     it re-enqueues: attempts made so far, the wall-clock limit for waiting on
     limits or an open breaker, and how many such waits happened.
     ``progress=True`` relays the server's progress to ``Keys.progress(task id)``.
+    ``enqueued_at`` (epoch seconds, stamped by the producer and kept by every
+    re-enqueue) gives the queue wait of the call's first start.
     The task id is also the id a caller cancels the call by.
     """
+    started_at = time.time()
     request_id = str(request_id) if request_id else self.request.id
     problem = _check_call_shape(tool, arguments, server, timeout)
     if problem is None and unknown:
@@ -88,13 +95,19 @@ def call_tool(
         problem = InternalError("malformed task: 'attempt' and 'waits' must be integers")
     if problem is None and not isinstance(progress, bool):
         problem = InternalError(f"malformed task: 'progress' must be true or false, got {progress!r}")
+    if problem is None and (wrong := check_enqueued_at(enqueued_at)):
+        problem = InternalError(f"malformed task: {wrong}")
     if problem is not None:
-        return ToolResult.failure(str(tool), problem, request_id=request_id).to_dict()
+        failed = ToolResult.failure(str(tool), problem, request_id=request_id)
+        metrics().attempt(failed, None)
+        return failed.to_dict()
     try:
         manager = get_manager()
     except MCPError as exc:
         log.error("mcpq cannot start its manager: %s", exc.message)
-        return ToolResult.failure(tool, exc, request_id=request_id).to_dict()
+        failed = ToolResult.failure(tool, exc, request_id=request_id)
+        metrics().attempt(failed, None)
+        return failed.to_dict()
 
     if not isinstance(deadline_at, int | float):
         deadline_at = time.time() + (timeout or manager.router.default_timeout(tool, server))
@@ -104,6 +117,8 @@ def call_tool(
     )  # fmt: skip
     if progress:  # only when asked: a message without it stays readable by older workers
         call["progress"] = True
+    if enqueued_at is not None:  # kept as it was: the wait before the first start
+        call["enqueued_at"] = enqueued_at
 
     def again(countdown: float, **changes: Any) -> Exception:
         """Re-enqueue this call (a new message), never sleeping on a slot."""
@@ -116,6 +131,7 @@ def call_tool(
     # The claim names this attempt of this task: a redelivery of the same
     # message finds it; a retry (a new attempt) takes a new one.
     claim_key = f"{self.request.id}:{attempt}" if self.request.id else None
+    queued(queue_wait(enqueued_at, started_at, attempt=attempt, waits=waits))  # the call span's queue wait
     try:
         result = manager.call_tool(
             tool,
@@ -131,8 +147,11 @@ def call_tool(
         )
     except CallInProgress as busy:
         step: Again | None = when_busy(busy)
+        metrics().attempt(None, step, tool=tool, server=server)
     else:
         step = next_step(manager.config, result, attempt=attempt, waits=waits, deadline_at=deadline_at)
+        waited = queue_wait(enqueued_at, started_at, attempt=attempt, waits=waits)
+        metrics().attempt(result, step, queue_wait=waited)
     if step is not None:
         raise again(step.countdown, **step.changes)
     return _final(manager, self, result)
@@ -213,7 +232,10 @@ def call_chunk(self: Task, calls: Any = None, **unknown: Any) -> dict[str, Any]:
     else:
         start_sweeper(manager)
         pool, queue = _chunk_pool(manager.settings.chunk_concurrency), _queue_of(self)
-        futures = [pool.submit(_run_chunk_call, manager, writer, entry, queue) for entry in calls]
+        # chunk_call: each call its own trace (or its submit's), linked to this chunk's span.
+        futures = [
+            pool.submit(chunk_call(_run_chunk_call, entry), manager, writer, entry, queue) for entry in calls
+        ]
         outcomes = [future.result() for future in futures]
         if self.request.id:
             # The chunk's calls were also known by their own ids (Ledger.knows):
@@ -232,13 +254,16 @@ def _run_chunk_call(manager: MCPClientManager, writer: ResultWriter, entry: Any,
     if not isinstance(entry, dict) or not isinstance(entry.get("id"), str) or not entry["id"]:
         log.error("malformed call in a chunk (no id): dropped")
         return "malformed"
+    started_at = time.time()
     call_id: str = entry["id"]
     tool: Any = entry.get("tool")
     arguments, server, timeout = entry.get("arguments"), entry.get("server"), entry.get("timeout")
-    progress = entry.get("progress", False)
+    progress, enqueued_at = entry.get("progress", False), entry.get("enqueued_at")
     problem = _check_call_shape(tool, arguments, server, timeout)
     if problem is None and not isinstance(progress, bool):
         problem = InternalError(f"malformed call: 'progress' must be true or false, got {progress!r}")
+    if problem is None and (wrong := check_enqueued_at(enqueued_at)):
+        problem = InternalError(f"malformed call: {wrong}")
     if problem is None and set(entry) - _CHUNK_CALL_FIELDS:
         problem = InternalError(f"malformed call: unknown fields {sorted(set(entry) - _CHUNK_CALL_FIELDS)}")
     if problem is not None:
@@ -253,13 +278,17 @@ def _run_chunk_call(manager: MCPClientManager, writer: ResultWriter, entry: Any,
             )  # fmt: skip
         except CallInProgress as busy:
             step: Again | None = when_busy(busy)
+            metrics().attempt(None, step, tool=tool, server=server)
         else:
             step = next_step(manager.config, result, attempt=1, waits=0, deadline_at=deadline_at)
+            waited = queue_wait(enqueued_at, started_at, attempt=1, waits=0)
+            metrics().attempt(result, step, queue_wait=waited)
         if step is not None:
             kwargs = {
                 "tool": tool, "arguments": arguments, "server": server, "timeout": timeout,
                 "request_id": call_id, "attempt": 1, "deadline_at": deadline_at, "waits": 0,
-                **({"progress": True} if progress else {}), **step.changes,
+                **({"progress": True} if progress else {}),
+                **({"enqueued_at": enqueued_at} if enqueued_at is not None else {}), **step.changes,
             }  # fmt: skip
             _requeue(manager, call_id, kwargs, step.countdown, queue)
             return "requeued"
@@ -272,7 +301,10 @@ def _run_chunk_call(manager: MCPClientManager, writer: ResultWriter, entry: Any,
         )
 
 
-_CHUNK_CALL_FIELDS = frozenset({"id", "tool", "arguments", "server", "timeout", "progress"})
+#: ``trace``: the trace context of the call's submit span (read by worker/tracing.py ``chunk_call``).
+_CHUNK_CALL_FIELDS = frozenset(
+    {"id", "tool", "arguments", "server", "timeout", "progress", "enqueued_at", "trace"}
+)
 
 
 def _store_failure(writer: ResultWriter, entry: Any, error: MCPError) -> str:
@@ -281,6 +313,7 @@ def _store_failure(writer: ResultWriter, entry: Any, error: MCPError) -> str:
         return "malformed"
     tool = entry.get("tool")
     result = ToolResult.failure(tool if isinstance(tool, str) else "?", error, request_id=call_id)
+    metrics().attempt(result, None)
     try:
         writer.store(call_id, result.to_dict())
     except Exception:  # the producer's stall timeout reports it then

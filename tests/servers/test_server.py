@@ -220,6 +220,13 @@ def strict(n: int, mode: Literal["a", "b"]) -> str:
     return f"{mode}{n}"
 
 
+def trace_meta(text: str, ctx: Context) -> dict[str, str]:
+    """Return the W3C trace context this request carried in ``params._meta``
+    (``traceparent``, and ``tracestate`` if any); ``text`` is ignored."""
+    meta = ctx.request_context.meta or {}
+    return {key: str(meta[key]) for key in ("traceparent", "tracestate") if key in meta}
+
+
 def build_server(name: str = DEFAULT_NAME, only_echo: bool = False) -> MCPServer:
     server: MCPServer = MCPServer(name, log_level="WARNING")
     server.add_tool(echo)
@@ -243,6 +250,7 @@ def build_server(name: str = DEFAULT_NAME, only_echo: bool = False) -> MCPServer
         annotations=ToolAnnotations(read_only_hint=True, idempotent_hint=True),
     )
     server.add_tool(strict)
+    server.add_tool(trace_meta)
     return server
 
 

@@ -6,6 +6,7 @@ task reads)."""
 from __future__ import annotations
 
 import asyncio
+import time
 from typing import Any
 
 import pytest
@@ -30,6 +31,7 @@ def test_prepare_call_builds_kwargs_and_chunk_entries() -> None:
         "server": "s",
         "timeout": 5.0,
         "progress": True,
+        "enqueued_at": pytest.approx(time.time(), abs=5),  # the worker's queue-wait metric
     }
     assert call.label == "s/add" and call.wait_hint == 15.0 and call.chunkable
     assert call.chunk_entry() == {"id": call.task_id, **call.kwargs}

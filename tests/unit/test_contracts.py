@@ -239,6 +239,9 @@ ALL_ENV = {
     "MCPQ_CHUNK_CONCURRENCY": "12",
     "MCPQ_TASK_EVENTS": "off",
     "MCPQ_SOCKET_TIMEOUT": "4",
+    "MCPQ_METRICS_PORT": "9808",
+    "MCPQ_METRICS_MAX_TOOLS": "20",
+    "MCPQ_METRICS_HOST": "worker-7.internal",
 }
 
 
@@ -269,6 +272,7 @@ def test_settings_read_every_variable() -> None:
     assert isinstance(settings.worker_concurrency, int)
     assert settings.result_expires == 3600
     assert settings.admin_token == "tok-abc"
+    assert settings.metrics_host == "worker-7.internal"
     assert settings.secret_pattern_list() == ["token", "pin"]
     assert (settings.claim_lease, settings.idempotency_window) == (7.5, 60.0)
     assert (settings.soft_time_limit, settings.time_limit, settings.visibility_timeout) == (

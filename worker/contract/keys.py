@@ -86,6 +86,12 @@ class Keys:
         return f"{self.prefix}idem:"
 
     @property
+    def metrics_endpoints(self) -> str:
+        """Hash: a worker's ``http://host:port/metrics`` -> when it last announced it (Redis time,
+        epoch seconds), refreshed every ~10 s; readers (``mcpq top``) skip entries older than 60 s."""
+        return f"{self.prefix}metrics:endpoints"
+
+    @property
     def epochs(self) -> str:
         """Hash: server -> reconnect epoch; bumping it makes every worker reopen its sessions."""
         return f"{self.prefix}epochs"

@@ -55,10 +55,26 @@ class Settings:
     #: state Redis: a host that accepts connections and never answers must end
     #: in ``connection_error``, not hang the caller (connects get at most 5 s).
     socket_timeout: float = 10.0
+    #: Worker: serve Prometheus metrics on this TCP port (0: no metrics, no cost).
+    metrics_port: int = 0
+    #: Worker: distinct ``tool`` label values per server in the metrics; later tools count as ``other``.
+    metrics_max_tools: int = 100
+    #: Worker: the host in the metrics URL it announces in Redis (``mcpq top``); default: its FQDN.
+    metrics_host: str = ""
 
     def __post_init__(self) -> None:
         for name in ("broker_url", "result_backend", "redis_url"):
             _check_url(f"MCPQ_{name.upper()}", getattr(self, name))
+        if not 0 <= self.metrics_port <= 65535:
+            raise ConfigError(
+                f"MCPQ_METRICS_PORT must be a TCP port (1-65535) or 0 (no metrics), got {self.metrics_port}",
+                details={"setting": "MCPQ_METRICS_PORT"},
+            )
+        if self.metrics_max_tools < 1:
+            raise ConfigError(
+                f"MCPQ_METRICS_MAX_TOOLS must be 1 or more, got {self.metrics_max_tools}",
+                details={"setting": "MCPQ_METRICS_MAX_TOOLS"},
+            )
 
     @property
     def connect_timeout(self) -> float:
@@ -111,6 +127,8 @@ class Settings:
 
 _TRUE = {"1", "true", "yes", "on"}
 _FALSE = {"0", "false", "no", "off"}
+#: Integer settings where 0 means "off" (every other one must be 1 or more).
+_ZERO_MEANS_OFF = frozenset({"metrics_port"})
 
 
 def _coerce(name: str, raw: str, kind: type) -> Any:
@@ -138,8 +156,9 @@ def _coerce(name: str, raw: str, kind: type) -> Any:
             value = int(raw)
         except ValueError:
             raise ConfigError(f"{setting}={raw!r} is not a valid int", details={"setting": setting}) from None
-        if value < 1:
-            raise ConfigError(f"{setting} must be 1 or more, got {raw!r}", details={"setting": setting})
+        if value < (0 if name in _ZERO_MEANS_OFF else 1):
+            least = "0 or more" if name in _ZERO_MEANS_OFF else "1 or more"
+            raise ConfigError(f"{setting} must be {least}, got {raw!r}", details={"setting": setting})
         return value
     return raw
 
