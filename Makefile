@@ -47,6 +47,7 @@ bench-all: bench
 	$(BIN)/python -m bench.soak
 	$(BIN)/python -m bench.startup --runs 5
 	$(BIN)/python -m bench.aio
+	$(BIN)/python -m bench.observability
 
 clean:
 	rm -rf $(VENV) tests/npm/node_modules .pytest_cache .mypy_cache .ruff_cache *.egg-info
