@@ -21,8 +21,10 @@ from collections.abc import Awaitable, Callable, Iterable, MutableMapping
 from typing import Any
 
 from prometheus_client import CONTENT_TYPE_LATEST, CollectorRegistry, Counter, Histogram, generate_latest
-from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, Metric
+from prometheus_client.core import Metric
 from prometheus_client.registry import Collector
+
+from mcpq.worker.contract.breaker_metrics import breaker_families
 
 log = logging.getLogger("mcpq.api")
 
@@ -32,7 +34,6 @@ Receive = Callable[[], Awaitable[Message]]
 Send = Callable[[Message], Awaitable[None]]
 ASGIApp = Callable[[Scope, Receive, Send], Awaitable[None]]
 
-BREAKER_STATES = ("closed", "open", "half_open")
 METHODS = frozenset({"GET", "HEAD", "POST", "PUT", "PATCH", "DELETE", "OPTIONS"})
 #: Request durations, seconds: from a cached listing to a long ``POST /mcp/call``.
 BUCKETS = (0.001, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0, 60.0, 300.0)
@@ -49,31 +50,7 @@ class BreakerSnapshot(Collector):
         return []
 
     def collect(self) -> Iterable[Metric]:
-        out: list[Metric] = []
-        if self.status is not None:
-            state = GaugeMetricFamily(
-                "mcpq_breaker_state",
-                "Fleet-wide circuit breaker state per server: 1 for the current state, 0 for the others",
-                labels=["server", "state"],
-            )
-            failures = GaugeMetricFamily(
-                "mcpq_breaker_failures",
-                "Consecutive failures the fleet-wide breaker has counted per server",
-                labels=["server"],
-            )
-            for name, info in self.status.items():
-                for each in BREAKER_STATES:
-                    state.add_metric([name, each], 1.0 if info.get("state") == each else 0.0)
-                failures.add_metric([name], float(info.get("failures") or 0))
-            out += [state, failures]
-        out.append(
-            CounterMetricFamily(
-                "mcpq_metrics_scrape_errors",
-                "Scrapes that could not read the fleet-wide breakers from Redis",
-                value=self.errors,
-            )
-        )
-        return out
+        return breaker_families(self.status, self.errors)
 
 
 class APIMetrics:

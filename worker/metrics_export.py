@@ -32,7 +32,7 @@ from typing import Any
 
 import redis
 from prometheus_client import CollectorRegistry, ProcessCollector, start_http_server, values
-from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, Metric
+from prometheus_client.core import GaugeMetricFamily, Metric
 from prometheus_client.multiprocess import MultiProcessCollector, mark_process_dead
 from prometheus_client.registry import Collector
 from redis.backoff import NoBackoff
@@ -40,6 +40,7 @@ from redis.retry import Retry
 
 from mcpq.worker import metrics as metrics_module
 from mcpq.worker.config import MCPQConfig
+from mcpq.worker.contract.breaker_metrics import breaker_families
 from mcpq.worker.contract.breaker_state import breaker_status
 from mcpq.worker.contract.keys import Keys
 from mcpq.worker.contract.settings import Settings
@@ -48,7 +49,6 @@ from mcpq.worker.metrics_announce import Announcer
 
 log = logging.getLogger(__name__)
 
-BREAKER_STATES = ("closed", "open", "half_open")
 #: How often a prefork child publishes its session counts.
 POOL_REFRESH = 1.0
 
@@ -137,31 +137,7 @@ class BreakerCollector(Collector):
             if self._failing:
                 self._failing = False
                 log.info("metrics: the breakers can be read from Redis again")
-        out: list[Metric] = []
-        if status is not None:
-            state = GaugeMetricFamily(
-                "mcpq_breaker_state",
-                "Fleet-wide circuit breaker state per server: 1 for the current state, 0 for the others",
-                labels=["server", "state"],
-            )
-            failures = GaugeMetricFamily(
-                "mcpq_breaker_failures",
-                "Consecutive failures the fleet-wide breaker has counted per server",
-                labels=["server"],
-            )
-            for name, info in status.items():
-                for each in BREAKER_STATES:
-                    state.add_metric([name, each], 1.0 if info["state"] == each else 0.0)
-                failures.add_metric([name], float(info["failures"]))
-            out += [state, failures]
-        out.append(
-            CounterMetricFamily(
-                "mcpq_metrics_scrape_errors",
-                "Scrapes that could not read the fleet-wide breakers from Redis",
-                value=self.errors,
-            )
-        )
-        return out
+        return breaker_families(status, self.errors)
 
 
 _PID_FILE = re.compile(r"_(\d+)\.db$")
