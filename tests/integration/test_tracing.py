@@ -333,7 +333,13 @@ def test_fan_out_calls_are_traces_of_their_own_linked_to_their_chunk(
     assert len({t for t, _ in received}) == 4, "a fan-out's calls must not share one trace"
     assert batch_trace not in {t for t, _ in received}
 
-    spans = collector.wait_for(lambda got: sum(s.name == "execute_tool trace_meta" for s in got) >= 4)
+    # A chunk's run span ends after its calls' spans and may come in a later export.
+    spans = collector.wait_for(
+        lambda got: (
+            sum(s.name == "execute_tool trace_meta" for s in got) >= 4
+            and sum(s.name == "run/mcpq.call_chunk" for s in got) >= 2
+        )
+    )
     runs = {s.span_id: s for s in spans if s.name == "run/mcpq.call_chunk"}
     assert len(runs) == 2 and all(r.trace_id == batch_trace for r in runs.values()), (
         "chunks in the batch's trace"
@@ -397,8 +403,9 @@ def test_prefork_children_trace_too(
         [s for s in mine if s.attributes.get("mcpq.call_id") == result.request_id], name="submit trace_meta"
     )
     assert submit.trace_id == trace_id
+    # The run span ends last (after the call's own spans): once it is in, all are.
     spans = collector.wait_for(
-        lambda got: any(s.name == "MCP send tools/call trace_meta" and s.trace_id == trace_id for s in got)
+        lambda got: any(s.name == "run/mcpq.call_tool" and s.trace_id == trace_id for s in got)
     )
     call = one(spans, name="execute_tool trace_meta", trace_id=trace_id)
     run = one(spans, name="run/mcpq.call_tool", trace_id=trace_id)
