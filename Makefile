@@ -16,7 +16,7 @@ demo: $(BIN)/python
 	$(BIN)/mcpq demo
 
 setup: $(BIN)/python
-	$(BIN)/pip install -q -e ".[dev,api,flower,otel]" --config-settings editable_mode=strict
+	$(BIN)/pip install -q -e ".[dev,api,flower,otel,gateway]" --config-settings editable_mode=strict
 	@command -v prometheus >/dev/null || { command -v apt-get >/dev/null && { apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq prometheus; }; } || echo "the metrics tests need prometheus and promtool: apt-get install -y prometheus"
 	@command -v npm >/dev/null || { echo "npm (Node.js 20+) is needed for the server-everything tests"; exit 1; }
 	npm ci --prefix tests/npm --no-audit --no-fund --loglevel=error

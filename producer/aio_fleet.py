@@ -71,6 +71,10 @@ class AsyncFleetState:
         """Every tool of every server, or of ``server`` (as :meth:`ToolQueue.tools`)."""
         return await self._run(fleet_state.tools_plan(self.keys, server))
 
+    async def tools_version(self) -> int:
+        """The fleet's tool-map version (changes whenever a worker publishes its tools)."""
+        return await self._run(fleet_state.tools_version_plan(self.keys))
+
     async def breakers(self) -> dict[str, dict[str, Any]]:
         """Every known server's fleet-wide breaker (as :meth:`ToolQueue.breakers`)."""
         return await self._run(fleet_state.breakers_plan(self.keys))

@@ -334,6 +334,45 @@ def api(host: str, port: int) -> None:
     serve(host, port)
 
 
+@cli.command()
+@click.option("--stdio", is_flag=True, help="Serve over stdin/stdout (a desktop client launches it).")
+@click.option("--host", default="127.0.0.1", show_default=True, help="Not loopback: set MCPQ_GATEWAY_TOKEN.")
+@click.option("--port", default=8800, show_default=True, type=int)
+@click.option("--servers", help="Expose only these servers' tools (comma-separated).")
+@click.option(
+    "--allowed-hosts",
+    help="More Host names clients may use, comma-separated (a proxy, compose); the DNS-rebinding check.",
+)
+@click.option(
+    "--max-request-bytes", type=click.IntRange(min=1024), help="Largest request body (default 4 MiB)."
+)
+def gateway(
+    stdio: bool,
+    host: str,
+    port: int,
+    servers: str | None,
+    allowed_hosts: str | None,
+    max_request_bytes: int | None,
+) -> None:
+    """Serve the fleet as one MCP server at http://HOST:PORT/mcp (or over stdio); every call is queued."""
+    # Lazily: only the gateway imports the MCP SDK's server side.
+    from mcpq.gateway.main import serve_http, serve_stdio
+    from mcpq.worker.contract.settings import Settings
+
+    settings = Settings.from_env()
+    exposed = frozenset(n.strip() for n in servers.split(",") if n.strip()) if servers else None
+    if stdio:
+        serve_stdio(settings, servers=exposed)
+        return
+    try:
+        import uvicorn  # noqa: F401
+    except ImportError as exc:
+        _fail(f"the gateway over HTTP needs its extra: pip install 'mcpq[gateway]' ({exc})", EXIT_USAGE)
+    extra_hosts = tuple(h.strip() for h in (allowed_hosts or "").split(",") if h.strip())
+    kwargs = {} if max_request_bytes is None else {"max_request_bytes": max_request_bytes}
+    serve_http(settings, host, port, servers=exposed, allowed_hosts=extra_hosts, **kwargs)
+
+
 @cli.group(invoke_without_command=True)
 @click.option("--json", "as_json", is_flag=True, help="Print JSON for scripts.")
 @click.pass_context

@@ -58,6 +58,12 @@ def tools_plan(keys: Keys, server: str | None = None) -> Plan[list[dict[str, Any
     return out
 
 
+def tools_version_plan(keys: Keys) -> Plan[int]:
+    """The fleet's tool-map version: it changes whenever a worker publishes what it discovered."""
+    replies = yield [("get", (keys.tools_version,))]
+    return int(as_text(replies[0]) or 0) if replies[0] is not None else 0
+
+
 def breakers_plan(keys: Keys) -> Plan[dict[str, dict[str, Any]]]:
     """Every known server's breaker: state, failures, opened_at, next_probe_at, in flight."""
     replies = yield [("hkeys", (keys.servers,))]

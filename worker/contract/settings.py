@@ -45,6 +45,8 @@ class Settings:
     #: How long an idempotency key maps to its first call.
     idempotency_window: float = 86_400.0
     admin_token: str | None = field(default=None, repr=False)
+    #: ``mcpq gateway``: the bearer token MCP clients send (unset: loopback only).
+    gateway_token: str | None = field(default=None, repr=False)
     #: Celery task events (what Flower shows). Off saves a PUBLISH per task
     #: state change for fleets nobody watches.
     task_events: bool = True
@@ -117,7 +119,7 @@ class Settings:
         out: dict[str, Any] = {}
         for f in fields(self):
             value = getattr(self, f.name)
-            if f.name == "admin_token":
+            if f.name in ("admin_token", "gateway_token"):
                 value = "set" if value else "unset"
             elif isinstance(value, str) and "://" in value:
                 value = redact_url(value)

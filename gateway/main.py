@@ -1,0 +1,77 @@
+"""Run the gateway: ``mcpq gateway`` over Streamable HTTP, ``mcpq gateway --stdio`` for desktop clients."""
+
+from __future__ import annotations
+
+import logging
+import sys
+
+import anyio
+from mcp.server.stdio import stdio_server
+
+from mcpq.gateway.http import DEFAULT_MAX_REQUEST_BYTES, check_exposure, create_app
+from mcpq.gateway.server import Gateway
+from mcpq.producer.aio import AsyncToolQueue
+from mcpq.worker.contract.settings import Settings
+
+log = logging.getLogger("mcpq.gateway")
+
+
+def serve_http(
+    settings: Settings,
+    host: str,
+    port: int,
+    *,
+    servers: frozenset[str] | None = None,
+    allowed_hosts: tuple[str, ...] = (),
+    max_request_bytes: int = DEFAULT_MAX_REQUEST_BYTES,
+) -> None:
+    """Serve the gateway over Streamable HTTP at ``http://HOST:PORT/mcp`` until interrupted.
+
+    :param settings: where the broker, result backend and state Redis are; the gateway token.
+    :param host: the interface to listen on (not loopback: needs ``MCPQ_GATEWAY_TOKEN``).
+    :param port: the TCP port.
+    :param servers: expose only these servers (None: all).
+    :param allowed_hosts: more Host header names clients may use (DNS-rebinding protection).
+    :param max_request_bytes: the largest request body.
+    :raises ConfigError: a non-loopback host without a token.
+    """
+    import uvicorn
+
+    token = settings.gateway_token
+    check_exposure(host, token)
+    if not token:
+        log.warning("MCPQ_GATEWAY_TOKEN is not set: serving loopback (%s) only, with no token", host)
+    gateway = Gateway(AsyncToolQueue(settings), servers)
+    app = create_app(
+        gateway,
+        host=host,
+        port=port,
+        token=token,
+        allowed_hosts=allowed_hosts,
+        max_request_bytes=max_request_bytes,
+    )
+    log.info("mcpq gateway on http://%s:%d/mcp", host, port)
+    uvicorn.run(app, host=host, port=port, log_level="warning", access_log=False)
+
+
+def serve_stdio(settings: Settings, *, servers: frozenset[str] | None = None) -> None:
+    """Serve the gateway over this process's stdin and stdout until the client closes them.
+
+    :param settings: where the broker, result backend and state Redis are.
+    :param servers: expose only these servers (None: all).
+    """
+
+    async def run() -> None:
+        gateway = Gateway(AsyncToolQueue(settings), servers)
+        server = gateway.server
+        try:
+            async with stdio_server() as (read, write), anyio.create_task_group() as tg:
+                tg.start_soon(gateway.watch)
+                await server.run(read, write, server.create_initialization_options())
+                tg.cancel_scope.cancel()
+        finally:
+            await gateway.close()
+
+    # Logs go to stderr: stdout is the protocol.
+    logging.basicConfig(stream=sys.stderr, level=logging.WARNING)
+    anyio.run(run)

@@ -1,0 +1,136 @@
+"""The gateway's MCP server: the SDK's lowlevel ``Server`` with the fleet as its tools.
+
+``tools/list`` is the catalog (:mod:`mcpq.gateway.catalog`), ``tools/call``
+goes through the queue (:mod:`mcpq.gateway.calls`). A watcher re-reads the
+fleet's tool-map version and tells clients when the catalog changed:
+``notifications/tools/list_changed`` on handshake-era sessions, a
+``subscriptions/listen`` event on 2026-07-28 ones.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import logging
+from typing import Any
+
+import anyio
+import mcp_types as types
+from mcp.server.context import ServerRequestContext
+from mcp.server.lowlevel.server import NotificationOptions, Server
+from mcp.server.models import InitializationOptions
+from mcp.server.session import ServerSession
+from mcp.server.subscriptions import InMemorySubscriptionBus, ListenHandler, ToolsListChanged
+from mcp_types.version import MODERN_PROTOCOL_VERSIONS
+
+from mcpq.gateway.calls import Calls
+from mcpq.gateway.catalog import Catalog
+from mcpq.producer.aio import AsyncToolQueue
+
+log = logging.getLogger("mcpq.gateway")
+
+#: Seconds between looks at the fleet's tool-map version.
+WATCH_INTERVAL = 1.0
+#: Handshake-era sessions remembered for list-changed notices (the oldest are forgotten beyond it).
+MAX_NOTIFIED_SESSIONS = 10_000
+
+
+class GatewayServer(Server[Any]):
+    """The lowlevel server with ``tools.listChanged`` declared on handshake-era sessions too."""
+
+    def create_initialization_options(
+        self,
+        notification_options: NotificationOptions | None = None,
+        experimental_capabilities: dict[str, dict[str, Any]] | None = None,
+        extensions: dict[str, dict[str, Any]] | None = None,
+    ) -> InitializationOptions:
+        return super().create_initialization_options(
+            notification_options or NotificationOptions(tools_changed=True),
+            experimental_capabilities,
+            extensions,
+        )
+
+
+class Gateway:
+    """Everything one gateway process serves, over HTTP or stdio.
+
+    :param queue: the queue calls go through (the gateway closes it when it stops).
+    :param servers: expose only these servers' tools (None: every server the fleet has).
+    """
+
+    def __init__(self, queue: AsyncToolQueue, servers: frozenset[str] | None = None) -> None:
+        self.queue = queue
+        self.catalog = Catalog(queue.tools, queue.tools_version, servers)
+        self.calls = Calls(queue, self.catalog)
+        self.bus = InMemorySubscriptionBus()
+        self._sessions: dict[int, ServerSession] = {}
+        self.server = GatewayServer(
+            "mcpq-gateway",
+            version=_version(),
+            instructions="Every tool of an mcpq fleet; each call is queued and answered by a worker.",
+            on_list_tools=self._list_tools,
+            on_call_tool=self._call_tool,
+            on_subscriptions_listen=ListenHandler(self.bus),
+        )
+
+    async def _list_tools(
+        self, ctx: ServerRequestContext[Any, Any], params: types.PaginatedRequestParams | None
+    ) -> types.ListToolsResult:
+        self._remember(ctx)
+        entries = await self.catalog.entries()
+        return types.ListToolsResult(
+            tools=[types.Tool.model_validate(e.definition) for e in entries.values()]
+        )
+
+    async def _call_tool(
+        self, ctx: ServerRequestContext[Any, Any], params: types.CallToolRequestParams
+    ) -> types.CallToolResult:
+        self._remember(ctx)
+        return await self.calls(ctx, params)
+
+    def _remember(self, ctx: ServerRequestContext[Any, Any]) -> None:
+        """Keep a handshake-era session to notify when the catalog changes."""
+        if ctx.session.protocol_version in MODERN_PROTOCOL_VERSIONS:
+            return  # they listen with subscriptions/listen
+        # One entry per connection: the SDK builds a ServerSession per request.
+        key = id(ctx.session._connection)
+        if key not in self._sessions:
+            if len(self._sessions) >= MAX_NOTIFIED_SESSIONS:
+                self._sessions.pop(next(iter(self._sessions)))
+            self._sessions[key] = ctx.session
+
+    async def watch(self) -> None:
+        """Until cancelled: tell clients whenever the fleet's tools change."""
+        while True:
+            await anyio.sleep(WATCH_INTERVAL)
+            try:
+                changed = await self.catalog.refresh()
+            except Exception as exc:  # the state Redis is down: keep serving what we know
+                log.warning("cannot re-read the fleet's tools: %s", exc)
+                continue
+            if changed:
+                await self._announce()
+
+    async def _announce(self) -> None:
+        log.info("the fleet's tools changed (tool-map version %s)", self.catalog.version)
+        await self.bus.publish(ToolsListChanged())
+        for key, session in list(self._sessions.items()):
+            try:
+                with anyio.fail_after(1.0):
+                    await session.send_tool_list_changed()
+            except Exception:  # a closed session: forget it
+                self._sessions.pop(key, None)
+
+    async def close(self) -> None:
+        """Stop: calls abandoned from now on are left to finish in the fleet."""
+        self.calls.closing = True
+        with contextlib.suppress(Exception):
+            await self.queue.close()
+
+
+def _version() -> str:
+    from importlib.metadata import PackageNotFoundError, version
+
+    try:
+        return version("mcpq")
+    except PackageNotFoundError:  # pragma: no cover - running from a source tree
+        return "0"
