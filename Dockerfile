@@ -9,12 +9,14 @@ ENV PYTHONDONTWRITEBYTECODE=1 \
 
 WORKDIR /app
 
-# The package with the extras the services need: api (mcpq api), flower (celery -A mcpq.worker flower).
-# The repository's root holds mcpq/__init__.py; worker/ and producer/ install as mcpq.worker, mcpq.producer.
+# The package with the extras the services need: api (mcpq api), flower (celery -A mcpq.worker flower),
+# gateway (mcpq gateway).
+# The repository's root holds mcpq/__init__.py; worker/, producer/ and gateway/ install as mcpq.worker, mcpq.producer, mcpq.gateway.
 COPY pyproject.toml README.md __init__.py py.typed ./
 COPY worker ./worker
 COPY producer ./producer
-RUN pip install ".[api,flower]"
+COPY gateway ./gateway
+RUN pip install ".[api,flower,gateway]"
 
 # Server configs; MCPQ_CONFIG picks one (compose: config/docker.yaml).
 COPY config ./config

@@ -47,6 +47,7 @@ bench-all: bench
 	$(BIN)/python -m bench.soak
 	$(BIN)/python -m bench.startup --runs 5
 	$(BIN)/python -m bench.aio
+	$(BIN)/python -m bench.gateway
 	$(BIN)/python -m bench.observability
 
 clean:

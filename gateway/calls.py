@@ -9,13 +9,15 @@ Cancelling: a request the client cancels (``notifications/cancelled``; on a
 the cancel) cancels the mcpq call, queued or running. A handshake-era client
 that merely goes away (its connection drops, stdin closes) and a gateway that
 shuts down do not: those calls finish in the fleet, once, and their results
-stay in the result backend.
+stay in the result backend. Nor does a call handed back as a task
+(:meth:`Calls.run` with ``detach_after``, :mod:`mcpq.gateway.tasks`).
 """
 
 from __future__ import annotations
 
 import logging
-import uuid
+import math
+from dataclasses import dataclass
 from typing import Any
 
 import anyio
@@ -26,6 +28,7 @@ from mcp_types.version import MODERN_PROTOCOL_VERSIONS
 
 from mcpq.gateway.catalog import Catalog
 from mcpq.gateway.results import request_error, to_mcp
+from mcpq.gateway.task_wire import new_call_id
 from mcpq.producer.aio import AsyncCallHandle, AsyncToolQueue
 from mcpq.producer.events import ProgressEvent, ResultEvent
 from mcpq.producer.submission import not_enqueued_result, timed_out_result
@@ -36,6 +39,14 @@ log = logging.getLogger("mcpq.gateway")
 
 #: Longest a cancel of an abandoned call may take before the handler gives up on it.
 CANCEL_BUDGET = 5.0
+
+
+@dataclass(frozen=True, slots=True)
+class Detached:
+    """A call handed back still running (:meth:`Calls.run` with ``detach_after``); it goes on in the fleet."""
+
+    call_id: str
+    tool: str
 
 
 class Calls:
@@ -54,6 +65,25 @@ class Calls:
     async def __call__(
         self, ctx: ServerRequestContext[Any, Any], params: CallToolRequestParams
     ) -> CallToolResult:
+        outcome = await self.run(ctx, params)
+        assert isinstance(outcome, CallToolResult)  # never detached without detach_after
+        return outcome
+
+    async def run(
+        self,
+        ctx: ServerRequestContext[Any, Any],
+        params: CallToolRequestParams,
+        *,
+        detach_after: float | None = None,
+    ) -> CallToolResult | Detached:
+        """Submit the call and answer with its result, or hand it back still running.
+
+        :param ctx: the ``tools/call`` request.
+        :param params: its params.
+        :param detach_after: seconds to wait for the result; a call not done by
+            then is returned as :class:`Detached` and goes on in the fleet, not
+            cancelled (None: wait for the result; 0: detach once it is submitted).
+        """
         entry = await self.catalog.find(params.name)
         if entry is None:
             raise request_error(
@@ -62,7 +92,8 @@ class Calls:
                 {"tool": params.name},
             )
         wants_progress = progress_token_from_params(ctx.params) is not None
-        call_id = str(uuid.uuid4())
+        # Time-ordered, so a task's createdAt can be read from its id (task_wire.created_at).
+        call_id = new_call_id()
         try:
             handle = await self.queue.submit(
                 entry.tool,
@@ -75,8 +106,14 @@ class Calls:
             if type(exc) is MCPError:  # the queue is closed: the gateway is stopping
                 raise
             return to_mcp(not_enqueued_result(entry.name, exc, call_id, self.queue.settings.broker_url))
+        if detach_after is not None and detach_after <= 0:
+            handle.close()
+            return Detached(handle.id, entry.name)
         try:
-            result = await self._outcome(ctx, handle, entry.name, wants_progress)
+            # This scope's own deadline ends the wait only: the except below sees the request's cancel.
+            with anyio.move_on_after(math.inf if detach_after is None else detach_after):
+                return to_mcp(await self._outcome(ctx, handle, entry.name, wants_progress))
+            return Detached(handle.id, entry.name)
         except anyio.get_cancelled_exc_class():
             if not self.closing and _client_cancelled(ctx):
                 with anyio.CancelScope(shield=True), anyio.move_on_after(CANCEL_BUDGET):
@@ -84,7 +121,6 @@ class Calls:
             raise
         finally:
             handle.close()
-        return to_mcp(result)
 
     async def _outcome(
         self, ctx: ServerRequestContext[Any, Any], handle: AsyncCallHandle, label: str, wants_progress: bool

@@ -10,6 +10,7 @@ from mcp.server.stdio import stdio_server
 
 from mcpq.gateway.http import DEFAULT_MAX_REQUEST_BYTES, check_exposure, create_app
 from mcpq.gateway.server import Gateway
+from mcpq.gateway.tasks import TaskOptions
 from mcpq.producer.aio import AsyncToolQueue
 from mcpq.worker.contract.settings import Settings
 
@@ -24,6 +25,7 @@ def serve_http(
     servers: frozenset[str] | None = None,
     allowed_hosts: tuple[str, ...] = (),
     max_request_bytes: int = DEFAULT_MAX_REQUEST_BYTES,
+    tasks: TaskOptions | None = None,
 ) -> None:
     """Serve the gateway over Streamable HTTP at ``http://HOST:PORT/mcp`` until interrupted.
 
@@ -33,6 +35,7 @@ def serve_http(
     :param servers: expose only these servers (None: all).
     :param allowed_hosts: more Host header names clients may use (DNS-rebinding protection).
     :param max_request_bytes: the largest request body.
+    :param tasks: when calls are answered as tasks (None: the defaults).
     :raises ConfigError: a non-loopback host without a token.
     """
     import uvicorn
@@ -41,7 +44,7 @@ def serve_http(
     check_exposure(host, token)
     if not token:
         log.warning("MCPQ_GATEWAY_TOKEN is not set: serving loopback (%s) only, with no token", host)
-    gateway = Gateway(AsyncToolQueue(settings), servers)
+    gateway = Gateway(AsyncToolQueue(settings), servers, tasks)
     app = create_app(
         gateway,
         host=host,
@@ -54,15 +57,18 @@ def serve_http(
     uvicorn.run(app, host=host, port=port, log_level="warning", access_log=False)
 
 
-def serve_stdio(settings: Settings, *, servers: frozenset[str] | None = None) -> None:
+def serve_stdio(
+    settings: Settings, *, servers: frozenset[str] | None = None, tasks: TaskOptions | None = None
+) -> None:
     """Serve the gateway over this process's stdin and stdout until the client closes them.
 
     :param settings: where the broker, result backend and state Redis are.
     :param servers: expose only these servers (None: all).
+    :param tasks: when calls are answered as tasks (None: the defaults).
     """
 
     async def run() -> None:
-        gateway = Gateway(AsyncToolQueue(settings), servers)
+        gateway = Gateway(AsyncToolQueue(settings), servers, tasks)
         server = gateway.server
         try:
             async with stdio_server() as (read, write), anyio.create_task_group() as tg:

@@ -24,6 +24,8 @@ from mcp_types.version import MODERN_PROTOCOL_VERSIONS
 
 from mcpq.gateway.calls import Calls
 from mcpq.gateway.catalog import Catalog
+from mcpq.gateway.extensions import apply_extensions
+from mcpq.gateway.tasks import TaskOptions, TasksExtension
 from mcpq.producer.aio import AsyncToolQueue
 
 log = logging.getLogger("mcpq.gateway")
@@ -55,9 +57,15 @@ class Gateway:
 
     :param queue: the queue calls go through (the gateway closes it when it stops).
     :param servers: expose only these servers' tools (None: every server the fleet has).
+    :param tasks: when calls are answered as tasks (Tasks extension; default :class:`TaskOptions`).
     """
 
-    def __init__(self, queue: AsyncToolQueue, servers: frozenset[str] | None = None) -> None:
+    def __init__(
+        self,
+        queue: AsyncToolQueue,
+        servers: frozenset[str] | None = None,
+        tasks: TaskOptions | None = None,
+    ) -> None:
         self.queue = queue
         self.catalog = Catalog(queue.tools, queue.tools_version, servers)
         self.calls = Calls(queue, self.catalog)
@@ -71,6 +79,9 @@ class Gateway:
             on_call_tool=self._call_tool,
             on_subscriptions_listen=ListenHandler(self.bus),
         )
+        # Long calls as tasks for clients that declare io.modelcontextprotocol/tasks (SEP-2663).
+        self.tasks = TasksExtension(queue, self.calls, tasks)
+        apply_extensions(self.server, [self.tasks], self._call_tool)
 
     async def _list_tools(
         self, ctx: ServerRequestContext[Any, Any], params: types.PaginatedRequestParams | None

@@ -346,6 +346,14 @@ def api(host: str, port: int) -> None:
 @click.option(
     "--max-request-bytes", type=click.IntRange(min=1024), help="Largest request body (default 4 MiB)."
 )
+@click.option(
+    "--task-after",
+    type=click.FloatRange(min=0),
+    default=2.0,
+    show_default=True,
+    help="Seconds a call may run before a client declaring the MCP Tasks extension gets a task (0: always).",
+)
+@click.option("--task-tools", help="Tools always answered with a task (comma-separated; Tasks clients only).")
 def gateway(
     stdio: bool,
     host: str,
@@ -353,16 +361,21 @@ def gateway(
     servers: str | None,
     allowed_hosts: str | None,
     max_request_bytes: int | None,
+    task_after: float,
+    task_tools: str | None,
 ) -> None:
     """Serve the fleet as one MCP server at http://HOST:PORT/mcp (or over stdio); every call is queued."""
     # Lazily: only the gateway imports the MCP SDK's server side.
     from mcpq.gateway.main import serve_http, serve_stdio
+    from mcpq.gateway.tasks import TaskOptions
     from mcpq.worker.contract.settings import Settings
 
     settings = Settings.from_env()
     exposed = frozenset(n.strip() for n in servers.split(",") if n.strip()) if servers else None
+    always = frozenset(n.strip() for n in (task_tools or "").split(",") if n.strip())
+    tasks = TaskOptions(task_after=task_after, task_tools=always)
     if stdio:
-        serve_stdio(settings, servers=exposed)
+        serve_stdio(settings, servers=exposed, tasks=tasks)
         return
     try:
         import uvicorn  # noqa: F401
@@ -370,7 +383,7 @@ def gateway(
         _fail(f"the gateway over HTTP needs its extra: pip install 'mcpq[gateway]' ({exc})", EXIT_USAGE)
     extra_hosts = tuple(h.strip() for h in (allowed_hosts or "").split(",") if h.strip())
     kwargs = {} if max_request_bytes is None else {"max_request_bytes": max_request_bytes}
-    serve_http(settings, host, port, servers=exposed, allowed_hosts=extra_hosts, **kwargs)
+    serve_http(settings, host, port, servers=exposed, allowed_hosts=extra_hosts, tasks=tasks, **kwargs)
 
 
 @cli.group(invoke_without_command=True)

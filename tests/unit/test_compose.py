@@ -47,7 +47,7 @@ DOCKERIGNORE = REPO / ".dockerignore"
 ALLOWED_MCPQ = {f"MCPQ_{f.name.upper()}" for f in fields(Settings)} | {"MCPQ_CONFIG"}
 REDIS_URL_VARS = ("MCPQ_BROKER_URL", "MCPQ_RESULT_BACKEND", "MCPQ_REDIS_URL")
 #: Which pyproject extra a command needs at run time.
-EXTRA_FOR = {("mcpq", "api"): "api", ("celery", "flower"): "flower"}
+EXTRA_FOR = {("mcpq", "api"): "api", ("mcpq", "gateway"): "gateway", ("celery", "flower"): "flower"}
 CELERY_SUBCOMMANDS = {"worker", "flower"}
 CELERY_VALUE_OPTIONS = {"-A", "--app", "-b", "--broker", "--result-backend", "--workdir", "--config"}
 
@@ -164,6 +164,13 @@ def load_dockerfile(text: str | None = None) -> Dockerfile:
 def pyproject_extras() -> set[str]:
     data = tomllib.loads((REPO / "pyproject.toml").read_text())
     return set(data["project"].get("optional-dependencies", {}))
+
+
+def package_folders() -> list[PurePosixPath]:
+    """The repository folders pyproject.toml installs as packages (the root aside)."""
+    data = tomllib.loads((REPO / "pyproject.toml").read_text())
+    dirs = data["tool"]["setuptools"]["package-dir"].values()
+    return sorted(PurePosixPath(d) for d in dirs if d != ".")
 
 
 def services(compose: Mapping[str, Any]) -> dict[str, dict[str, Any]]:
@@ -470,6 +477,10 @@ def check_dockerfile(compose: Mapping[str, Any], dockerfile: Dockerfile) -> Prob
         for (program, sub), extra in EXTRA_FOR.items():
             if argv[:1] == [program] and sub in argv[1:] and extra not in extras:
                 problems.append(f"{name}: `{shlex.join(argv)}` needs the {extra!r} extra, not installed")
+    copied = dockerfile.copied_paths()
+    for folder in package_folders():
+        if not any(folder == src or src in folder.parents for src in copied):
+            problems.append(f"Dockerfile: the package folder {folder}/ is never copied into the image")
     users = dockerfile.all("USER")
     if not users or users[-1].split(":")[0] in ("root", "0"):
         problems.append("Dockerfile: the image must end with a non-root USER")
@@ -586,7 +597,7 @@ def test_compose_file_matches_the_code(check: str) -> None:
 
 
 def test_expected_services_exist() -> None:
-    assert {"redis", "worker", "flower", "api", "mcp-demo"} <= set(services(load_compose()))
+    assert {"redis", "worker", "flower", "api", "gateway", "mcp-demo"} <= set(services(load_compose()))
 
 
 def test_interpolation_follows_compose() -> None:
@@ -732,10 +743,12 @@ def test_check_notices_a_broken_compose_file(check: str, mutate: Callable[[dict[
 
 
 BROKEN_DOCKERFILE: list[tuple[str, str, Callable[[str], str]]] = [
-    ("dockerfile", "no api extra", lambda t: t.replace(".[api,flower]", ".[flower]")),
-    ("dockerfile", "no flower extra", lambda t: t.replace(".[api,flower]", ".[api]")),
-    ("dockerfile", "no extras", lambda t: t.replace('".[api,flower]"', ".")),
-    ("dockerfile", "unknown extra", lambda t: t.replace(".[api,flower]", ".[api,flower,gui]")),
+    ("dockerfile", "no api extra", lambda t: t.replace(".[api,flower,gateway]", ".[flower,gateway]")),
+    ("dockerfile", "no flower extra", lambda t: t.replace(".[api,flower,gateway]", ".[api,gateway]")),
+    ("dockerfile", "no gateway extra", lambda t: t.replace(".[api,flower,gateway]", ".[api,flower]")),
+    ("dockerfile", "no extras", lambda t: t.replace('".[api,flower,gateway]"', ".")),
+    ("dockerfile", "unknown extra", lambda t: t.replace("gateway]", "gateway,gui]")),
+    ("dockerfile", "a package not copied", lambda t: re.sub(r"(?m)^COPY gateway .*$", "", t)),
     ("dockerfile", "never installed", lambda t: re.sub(r"RUN pip install[^\n]*", "RUN true", t)),
     ("dockerfile", "runs as root", lambda t: re.sub(r"(?m)^USER .*$", "USER root", t)),
     ("dockerfile", "no USER", lambda t: re.sub(r"(?m)^USER .*$", "", t)),

@@ -229,6 +229,7 @@ ALL_ENV = {
     "MCPQ_WORKER_CONCURRENCY": "8",
     "MCPQ_RESULT_EXPIRES": "3600",
     "MCPQ_ADMIN_TOKEN": "tok-abc",
+    "MCPQ_GATEWAY_TOKEN": "tok-gw",
     "MCPQ_SECRET_PATTERNS": "token, pin ,",
     "MCPQ_CLAIM_LEASE": "7.5",
     "MCPQ_SOFT_TIME_LIMIT": "100",
@@ -272,6 +273,8 @@ def test_settings_read_every_variable() -> None:
     assert isinstance(settings.worker_concurrency, int)
     assert settings.result_expires == 3600
     assert settings.admin_token == "tok-abc"
+    assert settings.gateway_token == "tok-gw"
+    assert "tok-gw" not in repr(settings) and settings.redacted()["gateway_token"] == "set"
     assert settings.metrics_host == "worker-7.internal"
     assert settings.secret_pattern_list() == ["token", "pin"]
     assert (settings.claim_lease, settings.idempotency_window) == (7.5, 60.0)
