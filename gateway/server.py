@@ -31,7 +31,7 @@ from mcpq.producer.aio import AsyncToolQueue
 log = logging.getLogger("mcpq.gateway")
 
 #: Seconds between looks at the fleet's tool-map version.
-WATCH_INTERVAL = 1.0
+WATCH_INTERVAL = 0.25
 #: Handshake-era sessions remembered for list-changed notices (the oldest are forgotten beyond it).
 MAX_NOTIFIED_SESSIONS = 10_000
 
