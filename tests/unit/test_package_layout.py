@@ -16,7 +16,7 @@ import pytest
 pytestmark = pytest.mark.timeout(60)
 
 REPO = Path(__file__).resolve().parents[2]
-PY_DIRS = ("worker", "producer", "tests", "bench")
+PY_DIRS = ("worker", "producer", "gateway", "tests", "bench")
 #: The one worker module the producer may reach outside the contract: what
 #: ``mcpq worker`` runs before it execs Celery (imported inside that command only).
 WORKER_ENTRY = "mcpq.worker.start"
@@ -97,6 +97,24 @@ def test_producer_imports_only_the_contract_of_the_worker() -> None:
             if not allowed_lazily:
                 bad.append(f"{path.relative_to(REPO)}:{line}: {name}")
     assert bad == [], "the producer may import mcpq.worker.contract only:\n" + "\n".join(bad)
+
+
+def test_gateway_imports_only_the_contract_of_the_worker_and_the_producer_only_lazily() -> None:
+    """The gateway is a producer-side client of the queue: no worker internals; and the
+    producer reaches it only inside ``mcpq gateway`` (it imports the SDK's server side)."""
+    bad = [
+        f"{path.relative_to(REPO)}:{line}: {name}"
+        for path in (REPO / "gateway").glob("*.py")
+        for line, name in imports(path)
+        if name.startswith("mcpq.worker.") and not name.startswith("mcpq.worker.contract")
+    ]
+    for path in (REPO / "producer").glob("*.py"):
+        bad += [
+            f"{path.relative_to(REPO)}:{line}: {name} (at top level)"
+            for line, name in imports(path, top_level_only=True)
+            if name.startswith("mcpq.gateway")
+        ]
+    assert bad == [], "\n".join(bad)
 
 
 def test_importing_the_producer_loads_no_sdk_no_yaml_loader_no_worker_signals() -> None:
