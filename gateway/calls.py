@@ -17,17 +17,20 @@ from __future__ import annotations
 
 import logging
 import math
+import time
 from dataclasses import dataclass
 from typing import Any
 
 import anyio
 from mcp.server.context import ServerRequestContext
+from mcp.shared.exceptions import MCPError as ProtocolLevelError
 from mcp.shared.jsonrpc_dispatcher import progress_token_from_params
 from mcp_types import CallToolRequestParams, CallToolResult
 from mcp_types.version import MODERN_PROTOCOL_VERSIONS
 
 from mcpq.gateway.catalog import Catalog
-from mcpq.gateway.results import request_error, to_mcp
+from mcpq.gateway.metrics import ABANDONED, TASK, GatewayMetrics
+from mcpq.gateway.results import outcome_of, request_error, to_mcp
 from mcpq.gateway.task_wire import new_call_id
 from mcpq.producer.aio import AsyncCallHandle, AsyncToolQueue
 from mcpq.producer.events import ProgressEvent, ResultEvent
@@ -54,11 +57,15 @@ class Calls:
 
     :param queue: the queue every call goes through.
     :param catalog: what may be called, and where each name goes.
+    :param metrics: where calls are counted (default: a registry of its own).
     """
 
-    def __init__(self, queue: AsyncToolQueue, catalog: Catalog) -> None:
+    def __init__(
+        self, queue: AsyncToolQueue, catalog: Catalog, metrics: GatewayMetrics | None = None
+    ) -> None:
         self.queue = queue
         self.catalog = catalog
+        self.metrics = metrics or GatewayMetrics(queue.settings.metrics_max_tools)
         #: Set while the gateway shuts down: abandoned requests are then not cancels.
         self.closing = False
 
@@ -84,6 +91,24 @@ class Calls:
             then is returned as :class:`Detached` and goes on in the fleet, not
             cancelled (None: wait for the result; 0: detach once it is submitted).
         """
+        started = time.perf_counter()
+        outcome = ABANDONED
+        self.metrics.in_flight.inc()
+        try:
+            answer = await self._answer(ctx, params, detach_after)
+            outcome = TASK if isinstance(answer, Detached) else outcome_of(answer)
+            return answer
+        except ProtocolLevelError as exc:
+            outcome = outcome_of(exc)
+            raise
+        finally:
+            self.metrics.in_flight.dec()
+            known = params.name if self.catalog.has(params.name) else None
+            self.metrics.observe(self.metrics.tool_label(known), outcome, time.perf_counter() - started)
+
+    async def _answer(
+        self, ctx: ServerRequestContext[Any, Any], params: CallToolRequestParams, detach_after: float | None
+    ) -> CallToolResult | Detached:
         entry = await self.catalog.find(params.name)
         if entry is None:
             raise request_error(

@@ -137,6 +137,10 @@ class Catalog:
             self._version = version
             return before != self._entries
 
+    def has(self, name: str) -> bool:
+        """Whether ``name`` is exposed, as last read (no Redis round trip)."""
+        return name in self._entries
+
     async def find(self, name: str) -> Exposed | None:
         """The exposed tool called ``name``; a miss re-checks the fleet once (a tool just discovered)."""
         entry = (await self.entries()).get(name)

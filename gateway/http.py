@@ -1,4 +1,4 @@
-"""The gateway over Streamable HTTP: ``/mcp`` behind a bearer token, ``/healthz`` open.
+"""The gateway over Streamable HTTP: ``/mcp`` behind a bearer token, ``/healthz`` and ``/metrics`` open.
 
 Who may call: with ``MCPQ_GATEWAY_TOKEN`` set, every request to ``/mcp``
 needs ``Authorization: Bearer <token>`` (compared in constant time); without
@@ -18,9 +18,10 @@ from typing import Any
 
 import anyio
 from mcp.server.transport_security import TransportSecuritySettings
+from prometheus_client import CONTENT_TYPE_LATEST
 from starlette.applications import Starlette
 from starlette.requests import Request
-from starlette.responses import JSONResponse
+from starlette.responses import JSONResponse, Response
 from starlette.routing import BaseRoute, Route
 from starlette.types import ASGIApp, Receive, Scope, Send
 
@@ -29,6 +30,9 @@ from mcpq.worker.contract.errors import ConfigError
 
 MCP_PATH = "/mcp"
 HEALTH_PATH = "/healthz"
+METRICS_PATH = "/metrics"
+#: Paths open without the token: they show counts and names, never run a tool.
+OPEN_PATHS = frozenset({HEALTH_PATH, METRICS_PATH})
 #: Largest request body accepted (bytes); bigger ones get 413 before any parsing.
 DEFAULT_MAX_REQUEST_BYTES = 4 * 1024 * 1024
 _HAS_PORT = re.compile(r":(\d+|\*)$")
@@ -77,7 +81,7 @@ def security_for(host: str, port: int, allowed_hosts: Sequence[str] = ()) -> Tra
 
 
 class BearerToken:
-    """ASGI middleware: every request except ``/healthz`` carries the gateway's token.
+    """ASGI middleware: every request except ``/healthz`` and ``/metrics`` carries the gateway's token.
 
     :param app: the app behind it.
     :param token: the token (None: no check; the gateway is then loopback-only).
@@ -88,7 +92,7 @@ class BearerToken:
         self.expected = f"Bearer {token}".encode() if token else None
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
-        if self.expected is None or scope["type"] != "http" or scope["path"] == HEALTH_PATH:
+        if self.expected is None or scope["type"] != "http" or scope["path"] in OPEN_PATHS:
             await self.app(scope, receive, send)
             return
         given = next((v for k, v in scope["headers"] if k == b"authorization"), b"")
@@ -147,6 +151,10 @@ def create_app(
             {"status": "ok", "tools": len(entries), "tool_map_version": gateway.catalog.version}
         )
 
+    async def metrics(_: Request) -> Response:
+        body = await gateway.metrics.exposition(gateway.queue.breakers)
+        return Response(body, media_type=CONTENT_TYPE_LATEST)
+
     @asynccontextmanager
     async def lifespan(_: Starlette) -> AsyncIterator[None]:
         async with anyio.create_task_group() as tg, gateway.server.session_manager.run():
@@ -157,6 +165,10 @@ def create_app(
                 await gateway.close()
                 tg.cancel_scope.cancel()
 
-    routes: list[BaseRoute] = [Route(HEALTH_PATH, health, methods=["GET"]), *sdk_app.routes]
+    routes: list[BaseRoute] = [
+        Route(HEALTH_PATH, health, methods=["GET"]),
+        Route(METRICS_PATH, metrics, methods=["GET"]),
+        *sdk_app.routes,
+    ]
     app: Any = Starlette(routes=routes, lifespan=lifespan)
     return BearerToken(app, token)

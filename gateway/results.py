@@ -70,6 +70,17 @@ def to_mcp(result: ToolResult) -> CallToolResult:
     )
 
 
+def outcome_of(answer: CallToolResult | ProtocolLevelError) -> str:
+    """What an answer of :func:`to_mcp` says happened: ``ok`` or the mcpq error code (for metrics)."""
+    if isinstance(answer, ProtocolLevelError):
+        data = answer.error.data
+        return str(data.get("mcpq_code", ErrorCode.INTERNAL_ERROR)) if isinstance(data, dict) else "error"
+    error = (answer.meta or {}).get(ERROR_META)
+    if isinstance(error, dict):
+        return str(error.get("code", ErrorCode.INTERNAL_ERROR))
+    return ErrorCode.TOOL_ERROR.value if answer.is_error else "ok"
+
+
 def _safe_details(details: dict[str, Any]) -> dict[str, Any]:
     """Details fit for a client: the names the error is about, never a value the caller sent."""
     return {k: v for k, v in details.items() if k in {"tool", "server", "servers", "suggestions", "problems"}}

@@ -25,6 +25,7 @@ from mcp_types.version import MODERN_PROTOCOL_VERSIONS
 from mcpq.gateway.calls import Calls
 from mcpq.gateway.catalog import Catalog
 from mcpq.gateway.extensions import apply_extensions
+from mcpq.gateway.metrics import GatewayMetrics
 from mcpq.gateway.tasks import TaskOptions, TasksExtension
 from mcpq.producer.aio import AsyncToolQueue
 
@@ -68,7 +69,8 @@ class Gateway:
     ) -> None:
         self.queue = queue
         self.catalog = Catalog(queue.tools, queue.tools_version, servers)
-        self.calls = Calls(queue, self.catalog)
+        self.metrics = GatewayMetrics(queue.settings.metrics_max_tools)
+        self.calls = Calls(queue, self.catalog, self.metrics)
         self.bus = InMemorySubscriptionBus()
         self._sessions: dict[int, ServerSession] = {}
         self.server = GatewayServer(

@@ -53,32 +53,15 @@ class BreakerSnapshot(Collector):
         return breaker_families(self.status, self.errors)
 
 
-class APIMetrics:
-    """One app's registry, request metrics and breaker snapshot."""
+class FleetMetrics:
+    """A registry of its own with the fleet-wide breaker series, read at each scrape
+    (:meth:`exposition`); the API's and the gateway's metrics add their own series."""
 
     def __init__(self) -> None:
         self.registry = CollectorRegistry()
-        self.requests = Counter(
-            "mcpq_api_requests",
-            "HTTP requests the API answered, by route template, method and status",
-            ["route", "method", "status"],
-            registry=self.registry,
-        )
-        self.duration = Histogram(
-            "mcpq_api_request_duration_seconds",
-            "Time from a request's arrival to its response's end, by route template and method",
-            ["route", "method"],
-            buckets=BUCKETS,
-            registry=self.registry,
-        )
         self.breakers = BreakerSnapshot()
         self.registry.register(self.breakers)
         self._failing = False
-
-    def observe(self, route: str, method: str, status: int, seconds: float) -> None:
-        method = method if method in METHODS else "other"
-        self.requests.labels(route, method, str(status)).inc()
-        self.duration.labels(route, method).observe(seconds)
 
     async def exposition(self, read_breakers: Callable[[], Awaitable[dict[str, dict[str, Any]]]]) -> bytes:
         """The text to serve: the breakers are read first; failing that, their series are left out."""
@@ -95,6 +78,31 @@ class APIMetrics:
         # No await from here on: the snapshot is the one this scrape serves.
         self.breakers.status = status
         return generate_latest(self.registry)
+
+
+class APIMetrics(FleetMetrics):
+    """One app's registry, request metrics and breaker snapshot."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.requests = Counter(
+            "mcpq_api_requests",
+            "HTTP requests the API answered, by route template, method and status",
+            ["route", "method", "status"],
+            registry=self.registry,
+        )
+        self.duration = Histogram(
+            "mcpq_api_request_duration_seconds",
+            "Time from a request's arrival to its response's end, by route template and method",
+            ["route", "method"],
+            buckets=BUCKETS,
+            registry=self.registry,
+        )
+
+    def observe(self, route: str, method: str, status: int, seconds: float) -> None:
+        method = method if method in METHODS else "other"
+        self.requests.labels(route, method, str(status)).inc()
+        self.duration.labels(route, method).observe(seconds)
 
 
 class MetricsMiddleware:
@@ -127,4 +135,4 @@ class MetricsMiddleware:
             )
 
 
-__all__ = ["CONTENT_TYPE_LATEST", "APIMetrics", "MetricsMiddleware"]
+__all__ = ["BUCKETS", "CONTENT_TYPE_LATEST", "APIMetrics", "FleetMetrics", "MetricsMiddleware"]

@@ -26,6 +26,7 @@ import pytest
 from mcp import Client
 from mcp.client.stdio import StdioServerParameters
 from mcp.shared.exceptions import MCPError
+from prometheus_client.parser import text_string_to_metric_families
 
 from tests.support.gateway import MCPQ, TOKEN, GatewayProcess, http_client
 from tests.support.procs import read_count, read_events, wait_until
@@ -422,3 +423,45 @@ def test_gateway_restart_does_not_lose_a_call_the_fleet_is_running(
         asyncio.run(start_call())
     wait_until(lambda: len(read_events(counts, k)) >= 2, timeout=30)
     assert [e.split()[0] for e in read_events(counts, k)] == ["started", "finished"]
+
+
+# --------------------------------------------------------------------------- metrics
+
+
+def gateway_samples(gateway: GatewayProcess) -> dict[tuple[str, tuple[tuple[str, str], ...]], float]:
+    """Every sample of the gateway's open ``/metrics``, parsed by prometheus_client's own parser."""
+    reply = httpx.get(gateway.url.replace("/mcp", "/metrics"), timeout=10)
+    assert reply.status_code == 200
+    return {
+        (s.name, tuple(sorted(s.labels.items()))): s.value
+        for family in text_string_to_metric_families(reply.text)
+        for s in family.samples
+    }
+
+
+def test_metrics_count_calls_by_exposed_tool_and_outcome(gateway: GatewayProcess) -> None:
+    before = gateway_samples(gateway)
+
+    async def main() -> None:
+        async with http_client(gateway) as client:
+            await client.call_tool("add", {"a": 1, "b": 1})
+            await client.call_tool("add", {"a": 2, "b": 2})
+            await client.call_tool("fail", {"message": "no"})
+            for name, arguments in (("no_such_tool", {}), ("slow_count", {"key": key(), "ms": "x"})):
+                with pytest.raises(MCPError):
+                    await client.call_tool(name, arguments)
+
+    run(main())
+    after = gateway_samples(gateway)
+
+    def added(tool: str, outcome: str) -> float:
+        sample = ("mcpq_gateway_calls_total", (("outcome", outcome), ("tool", tool)))
+        return after.get(sample, 0.0) - before.get(sample, 0.0)
+
+    assert added("add", "ok") == 2
+    assert added("fail", "tool_error") == 1
+    assert added("unknown", "tool_not_found") == 1, "invented names never become label values"
+    assert added("slow_count", "invalid_arguments") == 1
+    assert after[("mcpq_gateway_calls_in_flight", ())] == 0
+    # The fleet-wide breakers, as the workers serve them.
+    assert after[("mcpq_breaker_state", (("server", "alpha"), ("state", "closed")))] == 1
