@@ -287,25 +287,38 @@ def test_a_client_that_disconnects_mid_call_leaves_it_to_finish_once(
     assert [e.split()[0] for e in read_events(counts, k)] == ["started", "finished"]
 
 
-def test_stdio_gateway_lists_calls_and_relays_progress(fleet: Stack, counts: Path) -> None:
+def test_stdio_gateway_lists_calls_relays_progress_and_cancels(fleet: Stack, counts: Path) -> None:
     updates: list[float] = []
+    k = key()
 
     async def on_progress(progress: float, total: float | None, message: str | None) -> None:
         updates.append(progress)
 
-    async def main() -> tuple[list[str], types.CallToolResult, types.CallToolResult]:
+    async def main() -> tuple[list[str], dict[str, types.CallToolResult]]:
         async with stdio_client(fleet) as client:
             names = [t.name for t in (await client.list_tools()).tools]
-            added = await client.call_tool("add", {"a": 1, "b": 2})
-            stepped = await client.call_tool(
-                "progress", {"key": key(), "steps": 2, "ms": 300}, progress_callback=on_progress
-            )
-            return names, added, stepped
+            got = {
+                "add": await client.call_tool("add", {"a": 1, "b": 2}),
+                "beta": await client.call_tool("beta__echo", {"text": "b"}),
+                "fail": await client.call_tool("fail", {"message": "stdio boom"}),
+                "progress": await client.call_tool(
+                    "progress", {"key": key(), "steps": 2, "ms": 300}, progress_callback=on_progress
+                ),
+            }
+            async with anyio.create_task_group() as tg:
+                tg.start_soon(client.call_tool, "wait_for_cancel", {"key": k, "ms": HOLD_MS})
+                await anyio.to_thread.run_sync(lambda: wait_until(lambda: read_events(counts, k), timeout=30))
+                tg.cancel_scope.cancel()  # notifications/cancelled over stdio
+            return names, got
 
-    names, added, stepped = run(main())
+    names, got = run(main())
     assert {"add", "alpha__echo", "beta__echo"} <= set(names)
-    assert added.structured_content == {"result": 3}
-    assert stepped.structured_content == {"result": 2} and updates == [1.0, 2.0]
+    assert got["add"].structured_content == {"result": 3}
+    assert got["beta"].meta is not None and got["beta"].meta["mcpq/call"]["server"] == "beta"
+    assert got["fail"].is_error and "stdio boom" in got["fail"].content[0].text  # type: ignore[union-attr]
+    assert got["progress"].structured_content == {"result": 2} and updates == [1.0, 2.0]
+    wait_until(lambda: len(read_events(counts, k)) >= 2, timeout=30)
+    assert [e.split()[0] for e in read_events(counts, k)] == ["started", "cancelled"]
 
 
 # --------------------------------------------------------------------------- bad input
