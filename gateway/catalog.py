@@ -17,6 +17,7 @@ server filter cannot be bypassed).
 from __future__ import annotations
 
 import asyncio
+import fnmatch
 import logging
 import time
 from collections.abc import Awaitable, Callable, Iterable
@@ -31,6 +32,30 @@ QUALIFIER = "__"
 MAX_NAME = 128
 #: Fields of a discovered tool that mcpq added (not the server's): never shown to clients.
 _MCPQ_FIELDS = frozenset({"server", "ambiguous"})
+
+
+@dataclass(frozen=True, slots=True)
+class Exposure:
+    """Which of the fleet's tools a gateway offers (``--servers``, ``--tools``).
+
+    :param servers: only these servers' tools (None: every server).
+    :param tools: only tools matching one of these shell patterns, matched
+        against the tool's own name and against ``server/tool`` (None: every tool).
+    """
+
+    servers: frozenset[str] | None = None
+    tools: tuple[str, ...] | None = None
+
+    def admits(self, server: str, tool: str) -> bool:
+        """Whether ``tool`` of ``server`` is exposed."""
+        if self.servers is not None and server not in self.servers:
+            return False
+        if self.tools is None:
+            return True
+        return any(fnmatch.fnmatchcase(n, p) for p in self.tools for n in (tool, f"{server}/{tool}"))
+
+
+EVERYTHING = Exposure()
 
 
 @dataclass(frozen=True, slots=True)
@@ -49,16 +74,15 @@ def qualified_name(server: str, tool: str) -> str:
     return f"{server}{QUALIFIER}{tool}"
 
 
-def build_catalog(
-    tools: Iterable[dict[str, Any]], servers: frozenset[str] | None = None
-) -> dict[str, Exposed]:
+def build_catalog(tools: Iterable[dict[str, Any]], exposure: Exposure = EVERYTHING) -> dict[str, Exposed]:
     """Name every tool of ``tools`` (rows of the fleet's tool map, each with ``server``).
 
     :param tools: the fleet's tools, as ``AsyncToolQueue.tools()`` returns them.
-    :param servers: expose only these servers' tools (None: every server).
+    :param exposure: which tools to offer (filtered before naming: a tool two
+        servers offer keeps its bare name when only one of them is exposed).
     :returns: exposed name -> :class:`Exposed`, in a stable order (by name).
     """
-    rows = [t for t in tools if servers is None or t["server"] in servers]
+    rows = [t for t in tools if exposure.admits(t["server"], t["name"])]
     offered: dict[str, list[dict[str, Any]]] = {}
     for row in sorted(rows, key=lambda t: (t["name"], t["server"])):
         offered.setdefault(row["name"], []).append(row)
@@ -94,7 +118,7 @@ class Catalog:
 
     :param read_tools: returns the fleet's tools (``AsyncToolQueue.tools``).
     :param read_version: returns the fleet's tool-map version (``AsyncToolQueue.tools_version``).
-    :param servers: expose only these servers (None: all).
+    :param exposure: which tools to offer (default: all).
     :param recheck: seconds a version read is trusted for, so calls cost no Redis round trip.
     """
 
@@ -102,12 +126,12 @@ class Catalog:
         self,
         read_tools: Callable[[], Awaitable[list[dict[str, Any]]]],
         read_version: Callable[[], Awaitable[int]],
-        servers: frozenset[str] | None = None,
+        exposure: Exposure = EVERYTHING,
         recheck: float = 1.0,
     ) -> None:
         self._read_tools = read_tools
         self._read_version = read_version
-        self.servers = servers
+        self.exposure = exposure
         self.recheck = recheck
         self._entries: dict[str, Exposed] = {}
         self._version: int | None = None
@@ -133,7 +157,7 @@ class Catalog:
             if version == self._version:
                 return False
             before = self._entries
-            self._entries = build_catalog(await self._read_tools(), self.servers)
+            self._entries = build_catalog(await self._read_tools(), self.exposure)
             self._version = version
             return before != self._entries
 

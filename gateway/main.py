@@ -8,6 +8,7 @@ import sys
 import anyio
 from mcp.server.stdio import stdio_server
 
+from mcpq.gateway.catalog import EVERYTHING, Exposure
 from mcpq.gateway.http import DEFAULT_MAX_REQUEST_BYTES, check_exposure, create_app
 from mcpq.gateway.server import Gateway
 from mcpq.gateway.tasks import TaskOptions
@@ -22,7 +23,7 @@ def serve_http(
     host: str,
     port: int,
     *,
-    servers: frozenset[str] | None = None,
+    exposure: Exposure = EVERYTHING,
     allowed_hosts: tuple[str, ...] = (),
     max_request_bytes: int = DEFAULT_MAX_REQUEST_BYTES,
     tasks: TaskOptions | None = None,
@@ -32,7 +33,7 @@ def serve_http(
     :param settings: where the broker, result backend and state Redis are; the gateway token.
     :param host: the interface to listen on (not loopback: needs ``MCPQ_GATEWAY_TOKEN``).
     :param port: the TCP port.
-    :param servers: expose only these servers (None: all).
+    :param exposure: which of the fleet's tools to offer (default: all).
     :param allowed_hosts: more Host header names clients may use (DNS-rebinding protection).
     :param max_request_bytes: the largest request body.
     :param tasks: when calls are answered as tasks (None: the defaults).
@@ -44,7 +45,7 @@ def serve_http(
     check_exposure(host, token)
     if not token:
         log.warning("MCPQ_GATEWAY_TOKEN is not set: serving loopback (%s) only, with no token", host)
-    gateway = Gateway(AsyncToolQueue(settings), servers, tasks)
+    gateway = Gateway(AsyncToolQueue(settings), exposure, tasks)
     app = create_app(
         gateway,
         host=host,
@@ -58,17 +59,17 @@ def serve_http(
 
 
 def serve_stdio(
-    settings: Settings, *, servers: frozenset[str] | None = None, tasks: TaskOptions | None = None
+    settings: Settings, *, exposure: Exposure = EVERYTHING, tasks: TaskOptions | None = None
 ) -> None:
     """Serve the gateway over this process's stdin and stdout until the client closes them.
 
     :param settings: where the broker, result backend and state Redis are.
-    :param servers: expose only these servers (None: all).
+    :param exposure: which of the fleet's tools to offer (default: all).
     :param tasks: when calls are answered as tasks (None: the defaults).
     """
 
     async def run() -> None:
-        gateway = Gateway(AsyncToolQueue(settings), servers, tasks)
+        gateway = Gateway(AsyncToolQueue(settings), exposure, tasks)
         server = gateway.server
         try:
             async with stdio_server() as (read, write), anyio.create_task_group() as tg:

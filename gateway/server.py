@@ -23,7 +23,7 @@ from mcp.server.subscriptions import InMemorySubscriptionBus, ListenHandler, Too
 from mcp_types.version import MODERN_PROTOCOL_VERSIONS
 
 from mcpq.gateway.calls import Calls
-from mcpq.gateway.catalog import Catalog
+from mcpq.gateway.catalog import EVERYTHING, Catalog, Exposure
 from mcpq.gateway.extensions import apply_extensions
 from mcpq.gateway.metrics import GatewayMetrics
 from mcpq.gateway.tasks import TaskOptions, TasksExtension
@@ -57,18 +57,18 @@ class Gateway:
     """Everything one gateway process serves, over HTTP or stdio.
 
     :param queue: the queue calls go through (the gateway closes it when it stops).
-    :param servers: expose only these servers' tools (None: every server the fleet has).
+    :param exposure: which of the fleet's tools to offer (default: all).
     :param tasks: when calls are answered as tasks (Tasks extension; default :class:`TaskOptions`).
     """
 
     def __init__(
         self,
         queue: AsyncToolQueue,
-        servers: frozenset[str] | None = None,
+        exposure: Exposure = EVERYTHING,
         tasks: TaskOptions | None = None,
     ) -> None:
         self.queue = queue
-        self.catalog = Catalog(queue.tools, queue.tools_version, servers)
+        self.catalog = Catalog(queue.tools, queue.tools_version, exposure)
         self.metrics = GatewayMetrics(queue.settings.metrics_max_tools)
         self.calls = Calls(queue, self.catalog, self.metrics)
         self.bus = InMemorySubscriptionBus()

@@ -340,6 +340,10 @@ def api(host: str, port: int) -> None:
 @click.option("--port", default=8800, show_default=True, type=int)
 @click.option("--servers", help="Expose only these servers' tools (comma-separated).")
 @click.option(
+    "--tools",
+    help="Expose only tools matching these shell patterns, comma-separated ('get_*', 'github/*').",
+)
+@click.option(
     "--allowed-hosts",
     help="More Host names clients may use, comma-separated (a proxy, compose); the DNS-rebinding check.",
 )
@@ -359,6 +363,7 @@ def gateway(
     host: str,
     port: int,
     servers: str | None,
+    tools: str | None,
     allowed_hosts: str | None,
     max_request_bytes: int | None,
     task_after: float,
@@ -366,24 +371,32 @@ def gateway(
 ) -> None:
     """Serve the fleet as one MCP server at http://HOST:PORT/mcp (or over stdio); every call is queued."""
     # Lazily: only the gateway imports the MCP SDK's server side.
+    from mcpq.gateway.catalog import Exposure
     from mcpq.gateway.main import serve_http, serve_stdio
     from mcpq.gateway.tasks import TaskOptions
     from mcpq.worker.contract.settings import Settings
 
     settings = Settings.from_env()
-    exposed = frozenset(n.strip() for n in servers.split(",") if n.strip()) if servers else None
-    always = frozenset(n.strip() for n in (task_tools or "").split(",") if n.strip())
-    tasks = TaskOptions(task_after=task_after, task_tools=always)
+    exposure = Exposure(
+        servers=frozenset(_comma_list(servers)) if servers else None,
+        tools=_comma_list(tools) if tools else None,
+    )
+    tasks = TaskOptions(task_after=task_after, task_tools=frozenset(_comma_list(task_tools)))
     if stdio:
-        serve_stdio(settings, servers=exposed, tasks=tasks)
+        serve_stdio(settings, exposure=exposure, tasks=tasks)
         return
     try:
         import uvicorn  # noqa: F401
     except ImportError as exc:
         _fail(f"the gateway over HTTP needs its extra: pip install 'mcpq[gateway]' ({exc})", EXIT_USAGE)
-    extra_hosts = tuple(h.strip() for h in (allowed_hosts or "").split(",") if h.strip())
     kwargs = {} if max_request_bytes is None else {"max_request_bytes": max_request_bytes}
-    serve_http(settings, host, port, servers=exposed, allowed_hosts=extra_hosts, tasks=tasks, **kwargs)
+    hosts = _comma_list(allowed_hosts)
+    serve_http(settings, host, port, exposure=exposure, allowed_hosts=hosts, tasks=tasks, **kwargs)
+
+
+def _comma_list(text: str | None) -> tuple[str, ...]:
+    """``"a, b,,c"`` -> ``("a", "b", "c")``."""
+    return tuple(part.strip() for part in (text or "").split(",") if part.strip())
 
 
 @cli.group(invoke_without_command=True)

@@ -146,6 +146,22 @@ def test_servers_option_exposes_only_those_servers_and_refuses_the_rest(fleet: S
     assert refused.error.data["mcpq_code"] == "tool_not_found"
 
 
+def test_tools_option_exposes_only_matching_tools(fleet: Stack) -> None:
+    process = GatewayProcess(fleet, "--tools", "math.*,alpha/echo").start()
+    try:
+
+        async def main() -> list[str]:
+            async with http_client(process) as client:
+                names = [t.name for t in (await client.list_tools()).tools]
+                echoed = await client.call_tool("echo", {"text": "alpha's"})
+                assert echoed.meta is not None and echoed.meta["mcpq/call"]["server"] == "alpha"
+                return names
+
+        assert run(main()) == ["echo", "math.mul"]
+    finally:
+        process.stop()
+
+
 def test_tools_list_changed_is_sent_when_the_fleet_map_changes(
     make_stack: Callable[..., Stack], count_dir: Path
 ) -> None:  # a fleet of its own: it changes the tool map

@@ -16,7 +16,7 @@ from starlette.applications import Starlette
 from starlette.responses import PlainTextResponse
 from starlette.routing import Route
 
-from mcpq.gateway.catalog import Catalog, build_catalog
+from mcpq.gateway.catalog import Catalog, Exposure, build_catalog
 from mcpq.gateway.http import BearerToken, check_exposure, is_loopback, security_for
 from mcpq.gateway.results import CALL_META, ERROR_META, to_mcp
 from mcpq.producer.cli import cli
@@ -59,8 +59,17 @@ def test_a_tool_of_several_servers_is_qualified_per_server() -> None:
 
 
 def test_the_server_filter_is_applied_before_naming() -> None:
-    catalog = build_catalog([row("alpha", "echo"), row("beta", "echo")], servers=frozenset({"beta"}))
+    exposure = Exposure(servers=frozenset({"beta"}))
+    catalog = build_catalog([row("alpha", "echo"), row("beta", "echo")], exposure)
     assert list(catalog) == ["echo"] and catalog["echo"].server == "beta"
+
+
+def test_tool_patterns_match_the_bare_or_the_server_qualified_name() -> None:
+    tools = [row("alpha", "get_a"), row("alpha", "put_a"), row("beta", "get_b"), row("beta", "put_b")]
+    assert list(build_catalog(tools, Exposure(tools=("get_*",)))) == ["get_a", "get_b"]
+    assert list(build_catalog(tools, Exposure(tools=("beta/*", "put_a")))) == ["get_b", "put_a", "put_b"]
+    both = Exposure(servers=frozenset({"alpha"}), tools=("get_*",))
+    assert list(build_catalog(tools, both)) == ["get_a"]
 
 
 def test_a_qualified_name_never_shadows_a_bare_one_nor_exceeds_128() -> None:
