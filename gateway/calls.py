@@ -109,7 +109,10 @@ class Calls:
     async def _answer(
         self, ctx: ServerRequestContext[Any, Any], params: CallToolRequestParams, detach_after: float | None
     ) -> CallToolResult | Detached:
-        entry = await self.catalog.find(params.name)
+        try:
+            entry = await self.catalog.find(params.name)
+        except MCPError as exc:  # no catalog at all: the state Redis is unreachable
+            return to_mcp(ToolResult.failure(params.name, exc))
         if entry is None:
             raise request_error(
                 ErrorCode.TOOL_NOT_FOUND,

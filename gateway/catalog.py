@@ -24,6 +24,8 @@ from collections.abc import Awaitable, Callable, Iterable
 from dataclasses import dataclass
 from typing import Any
 
+from mcpq.worker.contract.errors import MCPError
+
 log = logging.getLogger("mcpq.gateway")
 
 #: Joins server and tool in a qualified name.
@@ -144,9 +146,17 @@ class Catalog:
         return self._version
 
     async def entries(self, *, fresh: bool = False) -> dict[str, Exposed]:
-        """The exposed tools; ``fresh`` re-checks the fleet's version now."""
+        """The exposed tools; ``fresh`` re-checks the fleet's version now.
+
+        :raises MCPConnectionError: the state Redis is unreachable and nothing was read before.
+        """
         if fresh or self._version is None or time.monotonic() - self._checked_at >= self.recheck:
-            await self.refresh()
+            try:
+                await self.refresh()
+            except MCPError:
+                if self._version is None:
+                    raise  # nothing read yet: no catalog to answer from
+                # The state Redis is unreachable: the last catalog read is still the best answer.
         return self._entries
 
     async def refresh(self) -> bool:

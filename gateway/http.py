@@ -144,7 +144,8 @@ def create_app(
     async def health(_: Request) -> JSONResponse:
         try:
             with anyio.fail_after(5):
-                entries = await gateway.catalog.entries(fresh=True)
+                await gateway.catalog.refresh()  # raises when the state Redis is unreachable
+                entries = await gateway.catalog.entries()
         except Exception as exc:
             return JSONResponse({"status": "unavailable", "error": str(exc)}, status_code=503)
         return JSONResponse(

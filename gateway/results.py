@@ -17,7 +17,7 @@ from __future__ import annotations
 from typing import Any
 
 from mcp.shared.exceptions import MCPError as ProtocolLevelError
-from mcp_types import INVALID_PARAMS, CallToolResult, TextContent
+from mcp_types import INTERNAL_ERROR, INVALID_PARAMS, CallToolResult, TextContent
 
 from mcpq.worker.contract.errors import ErrorCode
 from mcpq.worker.contract.result import ToolResult
@@ -35,16 +35,18 @@ ERROR_META = "mcpq/error"
 
 
 def request_error(code: str, message: str, details: dict[str, Any] | None = None) -> ProtocolLevelError:
-    """The JSON-RPC error for a request the fleet refused before sending anything.
+    """The JSON-RPC error for a request the fleet refused before sending anything
+    (``-32602``), or that the gateway could not serve at all (``-32603``: e.g. the
+    state Redis is unreachable, so there is no catalog to answer from).
 
-    :param code: the mcpq error code (``tool_not_found``, ``invalid_arguments``, ...).
+    :param code: the mcpq error code (``tool_not_found``, ``invalid_arguments``, ``connection_error``, ...).
     :param message: what a person can act on.
     :param details: safe details (names, schema paths; never argument values).
     """
     data: dict[str, Any] = {"mcpq_code": code}
     if details:
         data["details"] = details
-    return ProtocolLevelError(code=REQUEST_ERRORS.get(code, INVALID_PARAMS), message=message, data=data)
+    return ProtocolLevelError(code=REQUEST_ERRORS.get(code, INTERNAL_ERROR), message=message, data=data)
 
 
 def to_mcp(result: ToolResult) -> CallToolResult:

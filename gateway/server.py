@@ -26,8 +26,10 @@ from mcpq.gateway.calls import Calls
 from mcpq.gateway.catalog import EVERYTHING, Catalog, Exposure
 from mcpq.gateway.extensions import apply_extensions
 from mcpq.gateway.metrics import GatewayMetrics
+from mcpq.gateway.results import request_error
 from mcpq.gateway.tasks import TaskOptions, TasksExtension
 from mcpq.producer.aio import AsyncToolQueue
+from mcpq.worker.contract.errors import MCPError
 
 log = logging.getLogger("mcpq.gateway")
 
@@ -89,7 +91,10 @@ class Gateway:
         self, ctx: ServerRequestContext[Any, Any], params: types.PaginatedRequestParams | None
     ) -> types.ListToolsResult:
         self._remember(ctx)
-        entries = await self.catalog.entries()
+        try:
+            entries = await self.catalog.entries()
+        except MCPError as exc:  # the state Redis is unreachable: say so, no traceback
+            raise request_error(exc.code, exc.message) from None
         return types.ListToolsResult(
             tools=[types.Tool.model_validate(e.definition) for e in entries.values()]
         )
@@ -113,13 +118,19 @@ class Gateway:
 
     async def watch(self) -> None:
         """Until cancelled: tell clients whenever the fleet's tools change."""
+        failing = False
         while True:
             await anyio.sleep(WATCH_INTERVAL)
             try:
                 changed = await self.catalog.refresh()
             except Exception as exc:  # the state Redis is down: keep serving what we know
-                log.warning("cannot re-read the fleet's tools: %s", exc)
+                if not failing:  # once per outage, not four times a second
+                    log.warning("cannot re-read the fleet's tools (serving the last ones read): %s", exc)
+                failing = True
                 continue
+            if failing:
+                log.info("the fleet's tools can be read again")
+                failing = False
             if changed:
                 await self._announce()
 

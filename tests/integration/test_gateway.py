@@ -29,7 +29,7 @@ from mcp.shared.exceptions import MCPError
 from prometheus_client.parser import text_string_to_metric_families
 
 from tests.support.gateway import MCPQ, TOKEN, GatewayProcess, http_client
-from tests.support.procs import read_count, read_events, wait_until
+from tests.support.procs import free_port, read_count, read_events, wait_until
 from tests.support.stack import Stack, stdio_server
 
 pytestmark = [pytest.mark.integration, pytest.mark.timeout(120)]
@@ -417,6 +417,31 @@ def test_serving_the_network_without_a_token_is_refused(fleet: Stack) -> None:
     )
     assert done.returncode == 2, done
     assert "MCPQ_GATEWAY_TOKEN" in done.stderr and "Traceback" not in done.stderr
+
+
+def test_unreachable_redis_is_a_clear_error_everywhere_and_no_traceback(fleet: Stack) -> None:
+    dead = f"redis://:pw-{uuid.uuid4().hex[:6]}@127.0.0.1:{free_port()}"
+    env = {"MCPQ_BROKER_URL": f"{dead}/0", "MCPQ_RESULT_BACKEND": f"{dead}/1", "MCPQ_REDIS_URL": f"{dead}/2"}
+    process = GatewayProcess(fleet, env=env).start(healthy=False)
+    try:
+        health = httpx.get(process.url.replace("/mcp", "/healthz"), timeout=10)
+
+        async def main() -> tuple[MCPError, types.CallToolResult]:
+            async with http_client(process) as client:
+                with pytest.raises(MCPError) as listed:
+                    await client.list_tools()
+                return listed.value, await client.call_tool("add", {"a": 1, "b": 2})
+
+        listed, called = run(main())
+    finally:
+        process.stop()
+    assert health.status_code == 503 and "MCPQ_REDIS_URL" in health.json()["error"]
+    assert listed.error.code == types.INTERNAL_ERROR
+    assert listed.error.data["mcpq_code"] == "connection_error" and "MCPQ_REDIS_URL" in listed.error.message
+    assert called.is_error and called.meta is not None
+    assert called.meta["mcpq/error"]["code"] == "connection_error"
+    log = process.log_tail(100_000)
+    assert "Traceback" not in log and "pw-" not in log + health.text + listed.error.message
 
 
 def test_gateway_logs_hold_no_arguments_results_or_token(fleet: Stack, gateway: GatewayProcess) -> None:

@@ -66,7 +66,16 @@ class GatewayProcess:
         doc: dict[str, Any] = reply.json()
         return doc if reply.status_code == 200 else None
 
-    def start(self, min_tools: int = 1) -> GatewayProcess:
+    def health_status(self) -> int | None:
+        """``/healthz``'s HTTP status (None: nothing answers yet)."""
+        try:
+            return httpx.get(f"http://127.0.0.1:{self.port}/healthz", timeout=2).status_code
+        except httpx.HTTPError:
+            return None
+
+    def start(self, min_tools: int = 1, healthy: bool = True) -> GatewayProcess:
+        """Start it; wait until ``/healthz`` lists ``min_tools`` tools (``healthy=False``:
+        only until it answers at all, for a gateway whose Redis is meant to be down)."""
         with self.log_path.open("ab") as log:
             self.proc = subprocess.Popen(
                 [MCPQ, "gateway", "--port", str(self.port), *self.args],
@@ -79,6 +88,8 @@ class GatewayProcess:
 
         def ready() -> bool:
             assert self.proc is not None and self.proc.poll() is None, f"gateway exited:\n{self.log_tail()}"
+            if not healthy:
+                return self.health_status() is not None
             doc = self.health()
             return doc is not None and doc["tools"] >= min_tools
 
