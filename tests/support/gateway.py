@@ -93,7 +93,11 @@ class GatewayProcess:
             doc = self.health()
             return doc is not None and doc["tools"] >= min_tools
 
-        wait_until(ready, timeout=READY_TIMEOUT, message=lambda: f"gateway not ready:\n{self.log_tail()}")
+        try:
+            wait_until(ready, timeout=READY_TIMEOUT, message=lambda: f"gateway not ready:\n{self.log_tail()}")
+        except BaseException:
+            self.kill()  # a gateway that never became ready must not outlive the test
+            raise
         return self
 
     def stop(self, sig: int = signal.SIGTERM, timeout: float = 20.0) -> None:
