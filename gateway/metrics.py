@@ -9,6 +9,7 @@
   ``invalid_arguments``, ``circuit_open``, ...), ``task`` (handed back as an
   MCP task) or ``abandoned`` (the request ended before its answer).
 * ``mcpq_gateway_calls_in_flight``: requests being answered now.
+* ``mcpq_gateway_sessions``: open handshake-era sessions (2026-07-28 ones keep none).
 * The fleet-wide breakers, as the workers and the API serve them.
 """
 
@@ -50,6 +51,11 @@ class GatewayMetrics(FleetMetrics):
         )
         self.in_flight = Gauge(
             "mcpq_gateway_calls_in_flight", "tools/call requests being answered", registry=self.registry
+        )
+        self.sessions = Gauge(
+            "mcpq_gateway_sessions",
+            "Open handshake-era sessions the gateway notifies of tool changes",
+            registry=self.registry,
         )
 
     def tool_label(self, name: str | None) -> str:

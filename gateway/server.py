@@ -37,6 +37,8 @@ log = logging.getLogger("mcpq.gateway")
 WATCH_INTERVAL = 0.25
 #: Handshake-era sessions remembered for list-changed notices (the oldest are forgotten beyond it).
 MAX_NOTIFIED_SESSIONS = 10_000
+#: Marks a connection already remembered (in its per-connection ``state``).
+_NOTIFIED = "mcpq.gateway.notified"
 
 
 class GatewayServer(Server[Any]):
@@ -72,6 +74,7 @@ class Gateway:
         self.queue = queue
         self.catalog = Catalog(queue.tools, queue.tools_version, exposure)
         self.metrics = GatewayMetrics(queue.settings.metrics_max_tools)
+        self.metrics.sessions.set_function(lambda: len(self._sessions))
         self.calls = Calls(queue, self.catalog, self.metrics)
         self.bus = InMemorySubscriptionBus()
         self._sessions: dict[int, ServerSession] = {}
@@ -106,15 +109,21 @@ class Gateway:
         return await self.calls(ctx, params)
 
     def _remember(self, ctx: ServerRequestContext[Any, Any]) -> None:
-        """Keep a handshake-era session to notify when the catalog changes."""
+        """Keep a handshake-era session to notify when the catalog changes, until its connection closes."""
         if ctx.session.protocol_version in MODERN_PROTOCOL_VERSIONS:
             return  # they listen with subscriptions/listen
-        # One entry per connection: the SDK builds a ServerSession per request.
-        key = id(ctx.session._connection)
-        if key not in self._sessions:
-            if len(self._sessions) >= MAX_NOTIFIED_SESSIONS:
-                self._sessions.pop(next(iter(self._sessions)))
-            self._sessions[key] = ctx.session
+        # The SDK builds a ServerSession per request; its Connection (kept private
+        # by ServerSession) is what lives as long as the client's session.
+        connection = ctx.session._connection
+        if connection.state.get(_NOTIFIED):
+            return
+        connection.state[_NOTIFIED] = True
+        key = id(connection)
+        if len(self._sessions) >= MAX_NOTIFIED_SESSIONS:
+            self._sessions.pop(next(iter(self._sessions)))
+        self._sessions[key] = ctx.session
+        # Forgotten when the connection closes (the client's DELETE, an idle expiry, stdin closed).
+        connection.exit_stack.callback(self._sessions.pop, key, None)
 
     async def watch(self) -> None:
         """Until cancelled: tell clients whenever the fleet's tools change."""

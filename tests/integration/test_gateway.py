@@ -162,6 +162,19 @@ def test_tools_option_exposes_only_matching_tools(fleet: Stack) -> None:
         process.stop()
 
 
+def test_a_closed_session_is_forgotten(own_gateway: GatewayProcess) -> None:
+    """The gateway remembers handshake-era sessions (for list_changed) only while they are open."""
+    sessions = ("mcpq_gateway_sessions", ())
+
+    async def main() -> float:
+        async with http_client(own_gateway, "legacy") as client:
+            await client.list_tools()
+            return gateway_samples(own_gateway)[sessions]
+
+    assert run(main()) == 1
+    wait_until(lambda: gateway_samples(own_gateway)[sessions] == 0, timeout=30)
+
+
 def test_tools_list_changed_is_sent_when_the_fleet_map_changes(
     make_stack: Callable[..., Stack], count_dir: Path
 ) -> None:  # a fleet of its own: it changes the tool map
