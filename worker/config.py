@@ -120,6 +120,10 @@ class MCPServerConfig(BaseModel):
     # Fleet-wide limits, enforced in Redis.
     max_concurrency: int | None = Field(default=None, ge=1)
     rate_limit: str | None = None
+    # What the worker answers a server's own elicitation/create or sampling/createMessage
+    # while a call holds the session (no caller is there to ask): docs/interactive.md.
+    elicitation: Literal["decline", "defaults"] = "decline"
+    sampling: Literal["decline"] = "decline"
 
     @model_validator(mode="before")
     @classmethod

@@ -36,6 +36,7 @@ from mcp import Client
 from mcpq.worker.classify import Outcome, SessionClosedBeforeSend, classify
 from mcpq.worker.config import MCPServerConfig
 from mcpq.worker.contract.errors import MCPConnectionError, MCPError, MCPTimeoutError, ServerNotFoundError
+from mcpq.worker.elicitation import elicitation_callback, sampling_callback
 from mcpq.worker.loop import LoopThread
 from mcpq.worker.transports import client_target
 
@@ -109,6 +110,9 @@ class Session:
                 ),
                 client_info=CLIENT_INFO,
                 message_handler=self._on_message,
+                # A server's own requests while a call holds the session: docs/interactive.md.
+                elicitation_callback=elicitation_callback(self.config),
+                sampling_callback=sampling_callback(self.config),
                 cache=None,
             )
             # The SDK has no connect timeout; a deadline on an enclosing scope

@@ -9,6 +9,8 @@ from typing import Any
 
 from jsonschema import exceptions as js_exceptions
 from jsonschema import validators
+from referencing import Registry, Resource
+from referencing.exceptions import NoSuchResource, Unresolvable
 
 from mcpq.worker.contract.arguments import check_arguments
 from mcpq.worker.contract.errors import InvalidArgumentsError
@@ -18,6 +20,17 @@ _MAX_LISTED = 5
 
 _lock = threading.Lock()
 _cache: dict[str, Any] = {}
+
+
+def _refuse(uri: str) -> Resource[Any]:
+    # A tool's schema is the server's: a `$ref` to a URL must never make a worker
+    # fetch it (jsonschema would, by default), or any server could point the
+    # fleet at any address. Only refs inside the schema resolve.
+    raise NoSuchResource(ref=uri)  # type: ignore[call-arg]  # attrs field alias mypy does not see
+
+
+#: Resolves nothing outside the schema itself.
+_LOCAL_ONLY: Registry[Any] = Registry(retrieve=_refuse)  # type: ignore[call-arg]  # as above
 
 
 def _validator_for(schema: dict[str, Any]) -> Any:
@@ -32,7 +45,7 @@ def _validator_for(schema: dict[str, Any]) -> Any:
             # the server validates too, so fall back to no local check.
             validator = False
         else:
-            validator = cls(schema)
+            validator = cls(schema, registry=_LOCAL_ONLY)
         with _lock:
             if len(_cache) > 4096:
                 _cache.clear()
@@ -69,7 +82,11 @@ def validate_arguments(
     validator = _validator_for(schema)
     if validator is False:
         return
-    errors = sorted(validator.iter_errors(arguments), key=lambda e: list(e.absolute_path))
+    try:
+        errors = sorted(validator.iter_errors(arguments), key=lambda e: list(e.absolute_path))
+    except Unresolvable:
+        # A `$ref` outside the schema: not fetched, so not checked here; the server validates.
+        return
     if not errors:
         return
     problems = [_problem(e, secret_patterns) for e in errors]

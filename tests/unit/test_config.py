@@ -33,6 +33,8 @@ def one(text: str, env: dict[str, str] | None = None) -> MCPServerConfig:
 # --------------------------------------------------------------------------- defaults and values
 
 EXPECTED_DEFAULTS: dict[str, Any] = {
+    "elicitation": "decline",
+    "sampling": "decline",
     "url": None,
     "args": [],
     "env": {},

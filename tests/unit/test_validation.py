@@ -190,3 +190,42 @@ def test_values_of_secret_looking_fields_are_not_quoted() -> None:
     assert "SECRET-VALUE-1" not in message and "SECRET-VALUE-1" not in str(caught.value.details)
     assert "at 'api_key': the value fails 'type'" in message
     assert "'visible' is not of type 'integer'" in message  # other fields keep their detail
+
+
+def test_a_remote_ref_is_never_fetched() -> None:
+    """A server's schema must not make a worker fetch a URL: a canary server counts requests."""
+    import http.server
+    import threading
+
+    hits: list[str] = []
+
+    class Canary(http.server.BaseHTTPRequestHandler):
+        def do_GET(self) -> None:
+            hits.append(self.path)
+            body = b'{"type": "integer"}'
+            self.send_response(200)
+            self.send_header("Content-Type", "application/schema+json")
+            self.send_header("Content-Length", str(len(body)))
+            self.end_headers()
+            self.wfile.write(body)
+
+        def log_message(self, *args: Any) -> None:
+            pass
+
+    server = http.server.ThreadingHTTPServer(("127.0.0.1", 0), Canary)
+    thread = threading.Thread(target=server.serve_forever, daemon=True)
+    thread.start()
+    try:
+        url = f"http://127.0.0.1:{server.server_address[1]}/canary.json"
+        schema = {
+            "type": "object",
+            "properties": {"n": {"$ref": url}, "m": {"$ref": "#/$defs/small"}},
+            "$defs": {"small": {"type": "integer", "maximum": 3}},
+        }
+        validate_arguments("remote", schema, {"n": 5, "m": 1}, ())
+        # Refs inside the schema still resolve.
+        assert rejected(schema, {"m": 9}).code == ErrorCode.INVALID_ARGUMENTS
+    finally:
+        server.shutdown()
+        thread.join(5)
+    assert hits == []
