@@ -1,11 +1,14 @@
 """Calls/s with metrics and traces on against off, in one run, on the same fan-out.
 
-    python -m bench.observability [--calls 5000] [--rounds 3] [--json FILE]
+    python -m bench.observability [--calls 5000] [--rounds 3] [--on both|metrics|traces|none]
+                                  [--sample RATIO] [--json FILE]
 
 Two workers (threads, 16 each) on two queues of one private redis-server, each with
 the stdio demo server: ``off`` with the defaults, ``on`` with ``MCPQ_METRICS_PORT``
-and traces exported over OTLP/HTTP (``OTEL_TRACES_EXPORTER=otlp``) to a sink in this
-process that answers 200 and counts what it received. Rounds alternate off / on:
+and traces exported over OTLP/HTTP (``OTEL_TRACES_EXPORTER=otlp``, the SDK's batch span
+processor with its defaults) to a sink in this process that answers 200 and counts the
+requests, bytes and spans it received (a collector's cost is not the worker's, but the
+worker's protobuf encoding and HTTP posts are). Rounds alternate off / on:
 ``ToolQueue.map`` of ``--calls`` echo calls, every result checked. The producer's own
 tracing stays off in both (it is decided once per process): what is measured is the
 worker's cost, where the per-call spans and metrics are. The sink's CPU is this
@@ -16,6 +19,7 @@ from __future__ import annotations
 
 import argparse
 import contextlib
+import gzip
 import os
 import sys
 import tempfile
@@ -49,21 +53,24 @@ TARGET = 0.95
 
 
 class SpanSink:
-    """An OTLP/HTTP endpoint that accepts every export and counts requests and bytes."""
+    """An OTLP/HTTP endpoint that accepts every export and counts requests, bytes and spans."""
 
     def __init__(self) -> None:
         self.requests = 0
         self.bytes = 0
+        self.spans = 0
         self._lock = threading.Lock()
         sink = self
 
         class Handler(BaseHTTPRequestHandler):
             def do_POST(self) -> None:
                 size = int(self.headers.get("Content-Length", "0"))
-                self.rfile.read(size)
+                body = self.rfile.read(size)
+                spans = _span_count(body, self.headers.get("Content-Encoding", ""))
                 with sink._lock:
                     sink.requests += 1
                     sink.bytes += size
+                    sink.spans += spans
                 self.send_response(200)
                 self.send_header("Content-Type", "application/x-protobuf")
                 self.send_header("Content-Length", "0")
@@ -80,6 +87,16 @@ class SpanSink:
     def close(self) -> None:
         self.server.shutdown()
         self.server.server_close()
+
+
+def _span_count(body: bytes, encoding: str) -> int:
+    """Spans in one OTLP/HTTP protobuf export (evidence that every call was traced)."""
+    from opentelemetry.proto.collector.trace.v1.trace_service_pb2 import ExportTraceServiceRequest
+
+    if encoding.strip().lower() == "gzip":
+        body = gzip.decompress(body)
+    request = ExportTraceServiceRequest.FromString(body)
+    return sum(len(scope.spans) for rs in request.resource_spans for scope in rs.scope_spans)
 
 
 def run(args: argparse.Namespace) -> dict[str, Any]:
@@ -112,6 +129,11 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
                 OTEL_EXPORTER_OTLP_TRACES_PROTOCOL="http/protobuf",
                 OTEL_SERVICE_NAME="mcpq-bench-worker",
             )
+            if args.sample is not None:  # the head sampling docs/observability.md suggests
+                on_env.update(
+                    OTEL_TRACES_SAMPLER="parentbased_traceidratio", OTEL_TRACES_SAMPLER_ARG=str(args.sample)
+                )
+        report["sample"] = args.sample
         report["on"] = args.on
         queues = {"off": f"{settings.queue}-off", "on": f"{settings.queue}-on"}
         workers = {
@@ -154,6 +176,7 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
         report["evidence"] = {
             "otlp_exports": sink.requests,
             "otlp_bytes": sink.bytes,
+            "otlp_spans": sink.spans,
             "metrics_has_calls_total": "mcpq_calls_total{" in scraped,
         }
         report["machine"]["loadavg_end"] = os.getloadavg()
@@ -171,14 +194,26 @@ def render(report: dict[str, Any]) -> str:
             "fan-out throughput, calls/s (rounds; median)",
             f"  off (defaults)                 {', '.join(f'{r:.0f}' for r in t['off_calls_per_s'])};"
             f" {off:.0f}",
-            f"  on  ({report['on']:<24}) {', '.join(f'{r:.0f}' for r in t['on_calls_per_s'])}; {on:.0f}",
+            f"  on  ({_mode(report):<24}) {', '.join(f'{r:.0f}' for r in t['on_calls_per_s'])}; {on:.0f}",
             f"  ratio on / off                 {t['ratio_on_over_off']:.3f} (target >= {t['target']})",
             f"  wrong results                  {t['wrong_results']}",
             "",
-            f"evidence: {e['otlp_exports']} OTLP exports ({e['otlp_bytes'] / 1e6:.1f} MB) received,"
-            f" /metrics has mcpq_calls_total: {e['metrics_has_calls_total']}",
+            f"evidence: {e['otlp_exports']} OTLP exports ({e['otlp_bytes'] / 1e6:.1f} MB,"
+            f" {e['otlp_spans']} spans) received, /metrics has mcpq_calls_total:"
+            f" {e['metrics_has_calls_total']}",
+            f"load average: {_loadavg(report['machine'].get('loadavg_start'))} at the start,"
+            f" {_loadavg(report['machine'].get('loadavg_end'))} at the end",
         ]
     )
+
+
+def _mode(report: dict[str, Any]) -> str:
+    sample = report.get("sample")
+    return str(report["on"]) if sample is None else f"{report['on']}, sampled {sample:g}"
+
+
+def _loadavg(value: Any) -> str:
+    return " ".join(f"{x:.2f}" for x in value) if value else "?"
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -192,6 +227,13 @@ def main(argv: list[str] | None = None) -> int:
         choices=["both", "metrics", "traces", "none"],
         default="both",
         help="what the 'on' worker turns on (default both; none: an A/A control)",
+    )
+    parser.add_argument(
+        "--sample",
+        type=float,
+        default=None,
+        metavar="RATIO",
+        help="traces: sample this ratio of the calls (parentbased_traceidratio; default: all)",
     )
     add_json_option(parser)
     args = parser.parse_args(argv)

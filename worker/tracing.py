@@ -54,22 +54,29 @@ _LINKS_KEY = "mcpq.links"
 
 
 class CallSpan:
-    """The span of one call attempt (when tracing is on)."""
+    """The span of one call attempt (when tracing is on).
 
-    __slots__ = ("has_server", "span")
+    Attributes the task thread learns during the call (target, admission,
+    outcome) wait in ``pending`` and go to the span in one ``set_attributes``
+    at the end: each SDK ``set_attribute`` takes the span's lock and checks
+    the value. The loop thread's (:meth:`session`) goes to the span directly,
+    so that ``pending`` has one writer.
+    """
+
+    __slots__ = ("has_server", "pending", "span")
 
     def __init__(self, span: Span, server: str | None) -> None:
         self.span = span
         self.has_server = bool(server)
+        self.pending: dict[str, Any] = {}
 
     def target(self, server: str, transport: str) -> None:
         self.has_server = True
-        self.span.set_attributes(
-            {"mcpq.server": server, "network.transport": NETWORK_TRANSPORT.get(transport, "tcp")}
-        )
+        self.pending["mcpq.server"] = server
+        self.pending["network.transport"] = NETWORK_TRANSPORT.get(transport, "tcp")
 
     def admission(self, decision: str) -> None:
-        self.span.set_attribute("mcpq.breaker.decision", decision)
+        self.pending["mcpq.breaker.decision"] = decision
 
     def session(self, client: Any) -> None:
         """On the loop thread, with the session the request goes out on."""
@@ -82,16 +89,21 @@ class CallSpan:
         # mcp.session.id: the SDK 2.3 Client does not expose the Streamable HTTP session id.
 
     def finish(self, result: ToolResult) -> None:
-        from opentelemetry.trace import StatusCode
-
         if result.server_name and not self.has_server:
-            self.span.set_attribute("mcpq.server", result.server_name)
+            self.pending["mcpq.server"] = result.server_name
         if result.details.get("redelivered"):
-            self.span.set_attribute("mcpq.redelivered", True)
+            self.pending["mcpq.redelivered"] = True
         if not result.success and result.error_code:
-            self.span.set_attributes({"error.type": result.error_code, "mcpq.error_code": result.error_code})
+            self.pending["error.type"] = self.pending["mcpq.error_code"] = result.error_code
+            from opentelemetry.trace import StatusCode
+
             # The code only: an error message may quote the tool's output.
             self.span.set_status(StatusCode.ERROR, result.error_code)
+
+    def flush(self) -> None:
+        if self.pending:
+            self.span.set_attributes(self.pending)
+            self.pending = {}
 
 
 class _NoSpan:
@@ -127,46 +139,86 @@ def call_span(tool: str, server: str | None, attempt: int) -> AbstractContextMan
     active = tracing.active()
     if active is None:
         return _NO_SPAN_CM
-    return _call_span(active, tool, server, attempt)
+    return _CallSpanScope(active, tool, server, attempt)
 
 
-@contextlib.contextmanager
-def _call_span(active: tracing.Tracing, tool: str, server: str | None, attempt: int) -> Iterator[CallSpan]:
-    from opentelemetry import context
-    from opentelemetry.trace import SpanKind, StatusCode
+#: (tool, server) -> (span name, the attributes every attempt of it starts with);
+#: built once per tool rather than per call. Bounded: tool names come from messages.
+_names: dict[tuple[str, str | None], tuple[str, str | None, dict[str, Any]]] = {}
+_MAX_NAMES = 1024
 
-    tool, server = tracing.split_qualified(tool, server)
-    attributes: dict[str, Any] = {
-        "mcp.method.name": "tools/call",
-        "gen_ai.operation.name": "execute_tool",
-        "gen_ai.tool.name": tool,
-        "mcpq.attempt": attempt,
-    }
-    if server:
-        attributes["mcpq.server"] = server
-    waited = _queue_wait.get()
-    if waited is not None:
-        _queue_wait.set(None)
-        attributes["mcpq.queue_wait_ms"] = round(waited * 1000, 3)
-    links = context.get_value(_LINKS_KEY)
-    with active.tracer.start_as_current_span(
-        f"execute_tool {tool}",
-        kind=SpanKind.INTERNAL,
-        attributes=attributes,
-        links=links if isinstance(links, list) else None,
-        record_exception=False,  # an exception's message may quote an argument
-        set_status_on_exception=False,
-    ) as span:
-        handle = CallSpan(span, server)
-        token = _current.set(handle)
+
+def _named(tool: str, server: str | None) -> tuple[str, str | None, dict[str, Any]]:
+    key = (tool, server)
+    found = _names.get(key)
+    if found is None:
+        tool, server = tracing.split_qualified(tool, server)
+        attributes: dict[str, Any] = {
+            "mcp.method.name": "tools/call",
+            "gen_ai.operation.name": "execute_tool",
+            "gen_ai.tool.name": tool,
+        }
+        if server:
+            attributes["mcpq.server"] = server
+        if len(_names) >= _MAX_NAMES:
+            _names.clear()
+        found = _names[key] = (f"execute_tool {tool}", server, attributes)
+    return found
+
+
+class _CallSpanScope:
+    """The call span's block: the span started, made current on this thread,
+    ended. A class rather than ``start_as_current_span`` (a generator context
+    manager inside a decorator inside another generator): this runs once per
+    call, and the layers cost more than the span on cheap calls."""
+
+    __slots__ = ("_active", "_attempt", "_handle", "_server", "_tokens", "_tool")
+
+    def __init__(self, active: tracing.Tracing, tool: str, server: str | None, attempt: int) -> None:
+        self._active = active
+        self._tool, self._server, self._attempt = tool, server, attempt
+        self._handle: CallSpan | None = None
+        self._tokens: tuple[contextvars.Token[Context], contextvars.Token[CallSpan | None]] | None = None
+
+    def __enter__(self) -> CallSpan:
+        from opentelemetry import context, trace
+        from opentelemetry.trace import SpanKind
+
+        name, server, base = _named(self._tool, self._server)
+        attributes = {**base, "mcpq.attempt": self._attempt}
+        waited = _queue_wait.get()
+        if waited is not None:
+            _queue_wait.set(None)
+            attributes["mcpq.queue_wait_ms"] = round(waited * 1000, 3)
+        links = context.get_value(_LINKS_KEY)
+        span = self._active.tracer.start_span(
+            name,
+            kind=SpanKind.INTERNAL,
+            attributes=attributes,
+            links=links if isinstance(links, list) else None,
+            record_exception=False,  # an exception's message may quote an argument
+            set_status_on_exception=False,
+        )
+        handle = self._handle = CallSpan(span, server)
+        self._tokens = (context.attach(trace.set_span_in_context(span)), _current.set(handle))
+        return handle
+
+    def __exit__(self, kind: type[BaseException] | None, exc: BaseException | None, tb: Any) -> None:
+        from opentelemetry import context
+
+        handle, tokens = self._handle, self._tokens
+        assert handle is not None and tokens is not None
         try:
-            yield handle
-        except BaseException as exc:
-            span.set_attribute("error.type", type(exc).__qualname__)
-            span.set_status(StatusCode.ERROR)
-            raise
+            if kind is not None:
+                from opentelemetry.trace import StatusCode
+
+                handle.pending["error.type"] = kind.__qualname__
+                handle.span.set_status(StatusCode.ERROR)
+            handle.flush()
+            handle.span.end()
         finally:
-            _current.reset(token)
+            _current.reset(tokens[1])
+            context.detach(tokens[0])
 
 
 def current() -> CallSpan | _NoSpan:

@@ -184,10 +184,28 @@ def _provider_from_env(role: str) -> Any:
     resource = Resource.create()
     if str(resource.attributes.get(SERVICE_NAME, "")).startswith("unknown_service"):
         resource = resource.merge(Resource({SERVICE_NAME: f"mcpq-{role}"}))
-    provider = TracerProvider(resource=resource)
+    provider = TracerProvider(resource=_hashed_once(resource))
     for exporter in _exporters():
         provider.add_span_processor(BatchSpanProcessor(exporter))
     return provider
+
+
+def _hashed_once(resource: Any) -> Any:
+    """``resource`` with its hash computed once. The OTLP encoder groups every
+    span it exports by resource (a dict keyed by it), and ``Resource.__hash__``
+    serializes all the attributes to JSON each time: some 4 µs a span, a tenth
+    of the export's cost. A resource's attributes cannot change."""
+    from opentelemetry.sdk.resources import Resource
+
+    class HashedResource(Resource):
+        def __init__(self, attributes: Any, schema_url: str | None = None) -> None:
+            super().__init__(attributes, schema_url)
+            self._hash = super().__hash__()
+
+        def __hash__(self) -> int:
+            return self._hash
+
+    return HashedResource(resource.attributes, resource.schema_url)
 
 
 def _exporters() -> list[Any]:
