@@ -70,7 +70,7 @@ class PreparedCall:
     @property
     def ledger_entry(self) -> tuple[str, dict[str, Any]]:
         """``(task id, ledger message)`` of the call sent as one ``mcpq.call_tool``."""
-        return self.task_id, ledger_message(self.kwargs, self.queue, self.shown)
+        return self.task_id, ledger_message(self.kwargs, self.queue, self.shown, trace=self.trace)
 
     @property
     def chunkable(self) -> bool:

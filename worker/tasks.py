@@ -21,6 +21,7 @@ from celery import Task
 
 from mcpq.worker.app import app
 from mcpq.worker.claims import CallInProgress
+from mcpq.worker.contract import tracing
 from mcpq.worker.contract.errors import InternalError, InvalidArgumentsError, MCPError
 from mcpq.worker.contract.ledger import ledger_message
 from mcpq.worker.contract.redact import describe_call
@@ -343,7 +344,9 @@ def _renew_ledger(
     shown = describe_call(label, kwargs.get("arguments") or {}, manager.settings.secret_pattern_list())
     if task_id:
         with contextlib.suppress(redis.RedisError):
-            manager.ledger.record([(task_id, ledger_message(kwargs, queue, shown))], extra_grace=countdown)
+            # The current (run) span's context: a lost re-enqueue, republished, stays in the trace.
+            entry = ledger_message(kwargs, queue, shown, trace=tracing.carrier())
+            manager.ledger.record([(task_id, entry)], extra_grace=countdown)
     return shown
 
 
@@ -359,14 +362,17 @@ def start_sweeper(manager: Any) -> None:
         if name not in (CALL_TOOL, CALL_CHUNK):  # the ledger lives in Redis: trust no name
             log.error("ledger entry %s names task %r; dropped", task_id, name)
             return
-        app.send_task(
-            name,
-            kwargs=message["kwargs"],
-            task_id=task_id,
-            queue=message["queue"],
-            argsrepr="()",
-            kwargsrepr=message.get("kwargsrepr") or "(hidden)",
-        )
+        # The first publish's trace, current again: Celery's publish span and the
+        # message's headers continue it (a chunk's entries carry their own).
+        with tracing.attached(tracing.checked_carrier(message.get("trace"))):
+            app.send_task(
+                name,
+                kwargs=message["kwargs"],
+                task_id=task_id,
+                queue=message["queue"],
+                argsrepr="()",
+                kwargsrepr=message.get("kwargsrepr") or "(hidden)",
+            )
 
     with _sweeper_lock:
         manager.start_sweeper(publish)

@@ -22,6 +22,7 @@ from pathlib import Path
 from typing import Any
 
 import pytest
+import redis
 from celery.result import AsyncResult
 from opentelemetry.proto.collector.trace.v1.trace_service_pb2 import (
     ExportTraceServiceRequest,
@@ -37,7 +38,7 @@ from mcpq.producer.sending import plan_chunks, send_chunks
 from mcpq.producer.submission import prepare_call
 from mcpq.worker.contract import tracing
 from tests.support.procs import start_test_server
-from tests.support.stack import Stack, stdio_server
+from tests.support.stack import TINY_BUDGETS, Stack, stdio_server
 
 pytestmark = [pytest.mark.integration, pytest.mark.timeout(180)]
 
@@ -414,6 +415,43 @@ def test_prefork_children_trace_too(
         call.parent_id == run.span_id and request.parent_id == call.span_id and request.span_id == sent_span
     )
     assert_no_secret(collector.spans)
+
+
+def test_a_call_the_ledger_republishes_stays_in_its_trace(
+    make_stack: Callable[..., Any],
+    count_dir: Path,
+    collector: Collector,
+    producer_spans: InMemorySpanExporter,
+    redis_url: str,
+) -> None:
+    """The broker loses a call; the worker's sweeper publishes it again from the
+    ledger, whose entry carries the submit span's context: one trace still."""
+    # Budgets small enough for the ledger to republish within the test (grace:
+    # 2 x visibility + hard limit + restore interval = 29.5 s), with room for a
+    # stdio server that starts slowly on a loaded machine (as test_chunks).
+    budgets = {
+        **TINY_BUDGETS,
+        "MCPQ_SOFT_TIME_LIMIT": "8",
+        "MCPQ_TIME_LIMIT": "9",
+        "MCPQ_VISIBILITY_TIMEOUT": "10",
+    }
+    stack: Stack = make_stack(
+        {"local": stdio_server(count_dir, retry_attempts=0, timeout=1, connect_timeout=6)}, env=budgets
+    )
+    handle = stack.queue.submit("local/trace_meta", {"text": SECRET})
+    broker = redis.Redis.from_url(f"{redis_url}/0")
+    assert broker.delete(stack.settings.queue) == 1  # lost, as with a worker SIGKILLed right after BRPOP
+    stack.start_worker(concurrency=2, **worker_env(collector))
+    result = handle.result(120)  # after the ledger's grace
+    assert result.success, result
+    mine = [from_sdk(s) for s in producer_spans.get_finished_spans()]
+    submit = one([s for s in mine if s.attributes.get("mcpq.call_id") == handle.id], name="submit trace_meta")
+    trace_id, _ = trace_of(result.structured["traceparent"])
+    assert trace_id == submit.trace_id, "the republished call started a trace of its own"
+    spans = collector.wait_for(
+        lambda got: any(s.name == "run/mcpq.call_tool" and s.trace_id == trace_id for s in got)
+    )
+    assert one(spans, name="execute_tool trace_meta", trace_id=trace_id).attributes["mcpq.attempt"] == 1
 
 
 def test_off_unless_asked_calls_unchanged(

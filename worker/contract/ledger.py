@@ -27,13 +27,21 @@ SWEEP_BATCH = 200
 
 
 def ledger_message(
-    kwargs: dict[str, Any], queue: str, kwargsrepr: str, task: str | None = None
+    kwargs: dict[str, Any],
+    queue: str,
+    kwargsrepr: str,
+    task: str | None = None,
+    trace: dict[str, str] | None = None,
 ) -> dict[str, Any]:
     """What a sweeper needs to publish a call again: the task's kwargs, its queue,
-    its secret-free description and, unless ``mcpq.call_tool``, the task name."""
-    message = {"kwargs": kwargs, "queue": queue, "kwargsrepr": kwargsrepr}
+    its secret-free description, unless ``mcpq.call_tool`` the task name, and
+    (tracing on) the submit span's context, so that a republished call's spans
+    join the trace its first publish began."""
+    message: dict[str, Any] = {"kwargs": kwargs, "queue": queue, "kwargsrepr": kwargsrepr}
     if task is not None:
         message["task"] = task
+    if trace:
+        message["trace"] = trace
     return message
 
 
