@@ -60,6 +60,7 @@ from mcpq.producer.collector import PendingCall, ResultCollector, backend_unreac
 from mcpq.producer.fanout_options import DEFAULT_WINDOW, FanOutConfig
 from mcpq.producer.publish_policy import PUBLISH_RETRY, RESULT_GRACE
 from mcpq.producer.sending import plan_chunks, record_chunks, send_chunks
+from mcpq.worker.contract import tracing
 from mcpq.worker.contract.errors import ErrorCode, InvalidArgumentsError, MCPConnectionError
 from mcpq.worker.contract.ledger import ledger_message
 from mcpq.worker.contract.progress import ProgressUpdate
@@ -363,9 +364,18 @@ class BatchRun:
             self.app.signature(CALL_TOOL, kwargs=o.kwargs, task_id=o.task_id, argsrepr="()", kwargsrepr=s)
             for o, s in zip(items, shown, strict=True)
         ]
-        group_result = group(signatures, app=self.app).apply_async(
-            queue=self.queue_name, retry=True, retry_policy=self._publish_retry, add_to_parent=False
-        )
+        calls = group(signatures, app=self.app)
+        options = {"queue": self.queue_name, "retry": True, "retry_policy": self._publish_retry}
+        if tracing.active() is None:
+            group_result = calls.apply_async(add_to_parent=False, **options)
+        else:
+            # Each call published in a span of its own (a trace linked to the
+            # batch's span), not the whole group under the batch's one trace.
+            group_result = calls.freeze()
+            with self.app.producer_or_acquire() as producer:
+                for o, signature in zip(items, calls.tasks, strict=True):
+                    with tracing.fan_out_call_span(o.call.tool, o.call.server, self.queue_name):
+                        signature.apply_async(producer=producer, add_to_parent=False, **options)
         self.group_ids.append(str(group_result.id))
         children = {str(r.id): r for r in group_result.results}
         for o in items:

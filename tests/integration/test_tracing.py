@@ -33,6 +33,7 @@ from opentelemetry.sdk.trace.export import SimpleSpanProcessor
 from opentelemetry.sdk.trace.export.in_memory_span_exporter import InMemorySpanExporter
 
 from mcpq import AsyncToolQueue, ToolResult
+from mcpq.producer.calls import Call
 from mcpq.producer.publish_policy import PUBLISH_RETRY
 from mcpq.producer.sending import plan_chunks, send_chunks
 from mcpq.producer.submission import prepare_call
@@ -384,6 +385,48 @@ def test_fan_out_calls_are_traces_of_their_own_linked_to_their_chunk(
         assert len(call.links) == 1 and call.links[0][2] == {"mcpq.link": "chunk"}
 
     assert_no_secret([from_sdk(s) for s in producer_spans.get_finished_spans()])
+    assert_no_secret(collector.spans)
+
+
+def test_chunk_size_one_calls_are_traces_of_their_own_linked_to_the_batch(
+    make_stack: Callable[..., Any],
+    count_dir: Path,
+    collector: Collector,
+    producer_spans: InMemorySpanExporter,
+) -> None:
+    """chunk_size=1 sends one mcpq.call_tool per call: each is still a trace of
+    its own (its submit span, linked to the batch), not a child of the batch's."""
+    stack: Stack = make_stack({"local": stdio_server(count_dir, retry_attempts=0)})
+    stack.start_worker(concurrency=4, **worker_env(collector))
+    batch_tracer = tracing.active()
+    assert batch_tracer is not None
+    with batch_tracer.tracer.start_as_current_span("the app's batch") as batch_span:
+        handle = stack.queue.submit_many(
+            [Call("local/trace_meta", {"text": f"{SECRET}-{i}"}) for i in range(3)], chunk_size=1
+        )
+        results = handle.results()
+    batch = batch_span.get_span_context()
+    batch_trace, batch_span_id = f"{batch.trace_id:032x}", f"{batch.span_id:016x}"
+    assert all(r.success for r in results), results
+    assert len(handle.group_ids) == 1, "still published as one group"
+    received = [trace_of(r.structured["traceparent"]) for r in results]
+    assert len({t for t, _ in received}) == 3 and batch_trace not in {t for t, _ in received}
+    mine = [from_sdk(s) for s in producer_spans.get_finished_spans()]
+    spans = collector.wait_for(
+        lambda got: sum(s.name == "run/mcpq.call_tool" and s.trace_id != batch_trace for s in got) >= 3
+    )
+    for trace_id, sent_span in received:
+        submit = one(mine, name="submit trace_meta", trace_id=trace_id)
+        assert submit.parent_id is None, "a call's own trace, not the batch's"
+        assert submit.links == [(batch_trace, batch_span_id, {"mcpq.link": "batch"})]
+        publish = one(mine, name="apply_async/mcpq.call_tool", trace_id=trace_id)
+        assert publish.parent_id == submit.span_id
+        run = one(spans, name="run/mcpq.call_tool", trace_id=trace_id)
+        call = one(spans, name="execute_tool trace_meta", trace_id=trace_id)
+        request = one(spans, name="MCP send tools/call trace_meta", trace_id=trace_id)
+        assert run.parent_id == publish.span_id and call.parent_id == run.span_id
+        assert request.parent_id == call.span_id and request.span_id == sent_span
+    assert_no_secret(mine)
     assert_no_secret(collector.spans)
 
 

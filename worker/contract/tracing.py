@@ -310,10 +310,30 @@ def submit_span(tool: str, server: str | None, queue: str | None) -> AbstractCon
     return _submit_span(tracing, tool, server, queue)
 
 
+def fan_out_call_span(tool: str, server: str | None, queue: str | None) -> AbstractContextManager[None]:
+    """A fan-out call's own ``submit {tool}`` span, published as one ``mcpq.call_tool``
+    (``chunk_size=1``): the root of a trace of its own, *linked* to the current
+    (batch) span (link attribute ``mcpq.link`` = ``batch``), as a chunk's calls
+    are linked to their chunk: a batch is many small traces, not one giant one."""
+    tracing = active()
+    if tracing is None:
+        return _NULL
+    return _submit_span(tracing, tool, server, queue, own_trace=True)
+
+
 @contextlib.contextmanager
-def _submit_span(tracing: Tracing, tool: str, server: str | None, queue: str | None) -> Iterator[None]:
+def _submit_span(
+    tracing: Tracing, tool: str, server: str | None, queue: str | None, own_trace: bool = False
+) -> Iterator[None]:
+    from opentelemetry import context, trace
     from opentelemetry.trace import SpanKind, StatusCode
 
+    parent: Any = None
+    links: list[Any] = []
+    if own_trace:
+        batch = trace.get_current_span().get_span_context()
+        links = [trace.Link(batch, {"mcpq.link": "batch"})] if batch.is_valid else []
+        parent = context.Context()  # no parent: a new trace
     tool, server = split_qualified(tool, server)
     attributes: dict[str, str] = {"gen_ai.tool.name": tool, "gen_ai.operation.name": "execute_tool"}
     if server is not None:
@@ -322,8 +342,10 @@ def _submit_span(tracing: Tracing, tool: str, server: str | None, queue: str | N
         attributes["messaging.destination.name"] = queue
     with tracing.tracer.start_as_current_span(
         f"submit {tool}",
+        context=parent,
         kind=SpanKind.INTERNAL,
         attributes=attributes,
+        links=links,
         record_exception=False,  # a message may quote an argument
         set_status_on_exception=False,
     ) as span:
