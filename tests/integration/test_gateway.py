@@ -457,7 +457,8 @@ def test_unreachable_redis_is_a_clear_error_everywhere_and_no_traceback(fleet: S
     assert "Traceback" not in log and "pw-" not in log + health.text + listed.error.message
 
 
-def test_gateway_logs_hold_no_arguments_results_or_token(fleet: Stack, gateway: GatewayProcess) -> None:
+def test_gateway_logs_hold_no_arguments_results_or_token(own_gateway: GatewayProcess) -> None:
+    gateway = own_gateway  # stopped below, to read its whole log
     planted = f"planted-{uuid.uuid4().hex}"
 
     async def main() -> None:
