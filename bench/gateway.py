@@ -33,6 +33,7 @@ import contextlib
 import os
 import shutil
 import signal
+import socket
 import subprocess
 import sys
 import tempfile
@@ -78,6 +79,35 @@ def gateway_path(mode: str) -> str:
     return f"gateway {mode}"
 
 
+def bare_path(mode: str) -> str:
+    return f"bare SDK {mode}"
+
+
+class BareServer(ChildProcess):
+    """``bench.mcp_echo_server``: the SDK's own server answering at once (the MCP stack's round trip)."""
+
+    grace = 5.0
+
+    def __init__(self, env: dict[str, str]) -> None:
+        self.port = free_port()
+        super().__init__([sys.executable, "-m", "bench.mcp_echo_server", str(self.port)], env, "bare-mcp")
+
+    @property
+    def url(self) -> str:
+        return f"http://127.0.0.1:{self.port}/mcp"
+
+    def start(self, timeout: float = 30.0) -> Self:
+        super().start()
+        deadline = time.monotonic() + timeout
+        while time.monotonic() < deadline:
+            if not self.alive():
+                raise RuntimeError(f"the bare MCP server exited at start:\n{self.log_tail()}")
+            with contextlib.suppress(OSError), socket.create_connection(("127.0.0.1", self.port), 0.5):
+                return self
+            time.sleep(0.1)
+        raise RuntimeError(f"the bare MCP server was not up within {timeout:g}s:\n{self.log_tail()}")
+
+
 class GatewayProcess(ChildProcess):
     """``mcpq gateway --port P`` with this run's environment and ``MCPQ_GATEWAY_TOKEN``."""
 
@@ -112,6 +142,15 @@ class GatewayProcess(ChildProcess):
             if line.startswith("VmRSS:"):
                 return int(line.split()[1]) / 1024
         return float("nan")
+
+
+@contextlib.asynccontextmanager
+async def plain_client(url: str, mode: str) -> AsyncIterator[Any]:
+    """An SDK ``mcp.Client`` on ``url`` over Streamable HTTP, no token."""
+    from mcp import Client
+
+    async with Client(url, mode=mode) as client:  # type: ignore[arg-type]
+        yield client
 
 
 @contextlib.asynccontextmanager
@@ -184,7 +223,10 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
         gateway = GatewayProcess(child_env({"MCPQ_GATEWAY_TOKEN": f"bench-{tag}"}), f"bench-{tag}")
         stack.callback(gateway.stop)
         gateway.start()
-        print(f"worker {worker.pid} and gateway {gateway.pid} up", file=sys.stderr)
+        bare = BareServer(child_env())
+        stack.callback(bare.stop)
+        bare.start()
+        print(f"worker {worker.pid}, gateway {gateway.pid}, bare MCP server {bare.pid} up", file=sys.stderr)
         report["worker"] = {"pool": "threads", "concurrency": WORKER_CONCURRENCY}
 
         meter = CpuMeter(categories=PROCESSES)
@@ -196,7 +238,7 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
 
         async def both() -> None:
             async with AsyncToolQueue(settings) as aq:
-                report["latency"] = await _latency(args, aq, gateway, meter)
+                report["latency"] = await _latency(args, aq, gateway, bare, meter)
                 report["concurrency"] = await _concurrency(args, aq, gateway, meter)
 
         asyncio.run(both())
@@ -205,9 +247,9 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
 
 
 async def _latency(
-    args: argparse.Namespace, aq: Any, gateway: GatewayProcess, meter: CpuMeter
+    args: argparse.Namespace, aq: Any, gateway: GatewayProcess, bare: BareServer, meter: CpuMeter
 ) -> dict[str, Any]:
-    paths = [*(gateway_path(m) for m in args.modes), QUEUE_PATH]
+    paths = [*(gateway_path(m) for m in args.modes), QUEUE_PATH, *(bare_path(m) for m in args.modes)]
     samples: dict[str, list[float]] = {p: [] for p in paths}
     cpu: dict[str, dict[str, float]] = {p: {} for p in paths}
     wrong = 0
@@ -221,6 +263,12 @@ async def _latency(
                 return gateway_ok(await client.call_tool(TOOL, {"text": "x"}), "x")
 
             steps[gateway_path(mode)] = via_gateway
+            bare_client = await clients.enter_async_context(plain_client(bare.url, mode))
+
+            async def via_bare(client: Any = bare_client) -> bool:
+                return gateway_ok(await client.call_tool(TOOL, {"text": "x"}), "x")
+
+            steps[bare_path(mode)] = via_bare
 
         async def via_queue() -> bool:
             return queue_ok(await aq.call(TOOL, {"text": "x"}, server=SERVER, wait=CALL_TIMEOUT), "x")
@@ -261,6 +309,8 @@ async def _latency(
             gateway_path(m): summaries[gateway_path(m)]["p95"] - summaries[QUEUE_PATH]["p95"]
             for m in args.modes
         },
+        # What the MCP stack alone (the SDK's client and server) adds to a call's latency.
+        "mcp_round_trip_ms": {m: summaries[bare_path(m)]["median"] for m in args.modes},
         "cpu_ms_per_call": per_call_ms(cpu, {p: len(s) for p, s in samples.items()}),
         "wrong_results": wrong,
         "target_added_ms": LATENCY_TARGET_MS,
@@ -419,6 +469,10 @@ def render(report: dict[str, Any]) -> str:
         if path in lat["added_ms"]:
             added = f"   {lat['added_ms'][path]:+.2f} / {lat['added_p95_ms'][path]:+.2f}"
         lines.append(f"  {path:<22}{s['median']:7.2f} / {s['p95']:6.2f} / {s['p99']:6.2f}{added}")
+    lines.append(
+        "  the MCP stack alone (the SDK's client and a bare SDK server answering at once): "
+        + ", ".join(f"{m} {ms:.2f} ms" for m, ms in lat["mcp_round_trip_ms"].items())
+    )
     lines += [
         f"  target: added median <= {lat['target_added_ms']:.0f} ms; wrong results {lat['wrong_results']}",
         "  CPU ms per call, by process:",
