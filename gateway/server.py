@@ -30,6 +30,7 @@ from mcpq.gateway.results import request_error
 from mcpq.gateway.tasks import TaskOptions, TasksExtension
 from mcpq.producer.aio import AsyncToolQueue
 from mcpq.worker.contract.errors import MCPError
+from mcpq.worker.contract.version import package_version
 
 log = logging.getLogger("mcpq.gateway")
 
@@ -80,7 +81,7 @@ class Gateway:
         self._sessions: dict[int, ServerSession] = {}
         self.server = GatewayServer(
             "mcpq-gateway",
-            version=_version(),
+            version=package_version(),
             instructions="Every tool of an mcpq fleet; each call is queued and answered by a worker.",
             on_list_tools=self._list_tools,
             on_call_tool=self._call_tool,
@@ -158,12 +159,3 @@ class Gateway:
         self.calls.closing = True
         with contextlib.suppress(Exception):
             await self.queue.close()
-
-
-def _version() -> str:
-    from importlib.metadata import PackageNotFoundError, version
-
-    try:
-        return version("mcpq")
-    except PackageNotFoundError:  # pragma: no cover - running from a source tree
-        return "0"

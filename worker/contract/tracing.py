@@ -32,6 +32,8 @@ from collections.abc import Iterator, Mapping
 from contextlib import AbstractContextManager
 from typing import TYPE_CHECKING, Any
 
+from mcpq.worker.contract.version import package_version
+
 if TYPE_CHECKING:
     from opentelemetry.trace import Span, Tracer
 
@@ -69,7 +71,7 @@ class Tracing:
         #: mcpq made the provider (and shuts it down); else it is the application's.
         self.owned = owned
         self.instrumented_celery = instrumented_celery
-        self.tracer: Tracer = provider.get_tracer(SCOPE, _version())
+        self.tracer: Tracer = provider.get_tracer(SCOPE, package_version())
 
     def shutdown(self) -> None:
         """Export what is buffered; shut the provider down if mcpq made it."""
@@ -240,13 +242,6 @@ def _otlp_entry_point() -> str:
         or "http/protobuf"
     )
     return "otlp_proto_grpc" if protocol.strip().lower() == "grpc" else "otlp_proto_http"
-
-
-def _version() -> str:
-    try:
-        return importlib.metadata.version("mcpq")
-    except importlib.metadata.PackageNotFoundError:
-        return "0"
 
 
 # -- carrying context ------------------------------------------------------------------
