@@ -139,6 +139,8 @@ class Catalog:
         self._version: int | None = None
         self._checked_at = 0.0
         self._lock = asyncio.Lock()
+        #: The ``--servers`` names last found without tools (logged when this changes).
+        self._unknown: list[str] = []
 
     @property
     def version(self) -> int | None:
@@ -167,9 +169,25 @@ class Catalog:
             if version == self._version:
                 return False
             before = self._entries
-            self._entries = build_catalog(await self._read_tools(), self.exposure)
+            tools = await self._read_tools()
+            self._entries = build_catalog(tools, self.exposure)
             self._version = version
+            self._say_unknown_servers(tools)
             return before != self._entries
+
+    def _say_unknown_servers(self, tools: list[dict[str, Any]]) -> None:
+        """Log, once per change, the ``--servers`` names no worker has published tools for
+        (a typo, or a server no running worker serves): they expose nothing."""
+        if self.exposure.servers is None:
+            return
+        unknown = sorted(self.exposure.servers - {t["server"] for t in tools})
+        if unknown and unknown != self._unknown:
+            log.warning(
+                "--servers names %s, which no worker has published tools for: nothing of %s is exposed",
+                ", ".join(unknown),
+                "it" if len(unknown) == 1 else "them",
+            )
+        self._unknown = unknown
 
     def has(self, name: str) -> bool:
         """Whether ``name`` is exposed, as last read (no Redis round trip)."""

@@ -104,6 +104,27 @@ def test_the_catalog_rereads_only_when_the_version_moves() -> None:
     assert reads == [1, 2]
 
 
+def test_servers_no_worker_published_are_named_once(caplog: pytest.LogCaptureFixture) -> None:
+    version = [1]
+
+    async def tools() -> list[dict[str, Any]]:
+        return [row("alpha", "add")]
+
+    async def read_version() -> int:
+        return version[0]
+
+    async def main() -> None:
+        catalog = Catalog(tools, read_version, Exposure(servers=frozenset({"alpha", "alpah"})), recheck=0)
+        assert list(await catalog.entries()) == ["add"]
+        version[0] = 2
+        await catalog.refresh()
+
+    with caplog.at_level("WARNING", logger="mcpq.gateway"):
+        asyncio.run(main())
+    named = [r.getMessage() for r in caplog.records if "--servers" in r.getMessage()]
+    assert len(named) == 1 and "alpah" in named[0] and "alpha," not in named[0], named
+
+
 # --------------------------------------------------------------------------- results
 
 
